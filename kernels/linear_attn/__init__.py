@@ -1,0 +1,26 @@
+"""Linear attention op: parallel (causal / bidirectional) and one-step recurrent forms, with dispatch."""
+from __future__ import annotations
+
+from .. import use_triton
+from .reference import elu1, linear_attention_ref, linear_attention_step_ref
+
+
+def linear_attention(q, k, v, causal: bool = True, eps: float = 1e-6, feature_map: str | None = "elu1",
+                     key_padding_mask=None, backend: str = "auto"):
+    if use_triton(backend, q, k, v):
+        from .function import linear_attention_triton
+        return linear_attention_triton(q, k, v, causal=causal, eps=eps, feature_map=feature_map,
+                                       key_padding_mask=key_padding_mask)
+    return linear_attention_ref(q, k, v, causal=causal, eps=eps, feature_map=feature_map,
+                                key_padding_mask=key_padding_mask)
+
+
+def linear_attention_step(q, k, v, S, z, eps: float = 1e-6, feature_map: str | None = "elu1", write=None,
+                          backend: str = "auto"):
+    if use_triton(backend, q, k, v):
+        from .recurrent import linear_attention_step_triton
+        return linear_attention_step_triton(q, k, v, S, z, eps=eps, feature_map=feature_map, write=write)
+    return linear_attention_step_ref(q, k, v, S, z, eps=eps, feature_map=feature_map, write=write)
+
+
+__all__ = ["linear_attention", "linear_attention_step", "linear_attention_ref", "linear_attention_step_ref", "elu1"]

@@ -1,0 +1,58 @@
+"""Linear attention (Katharopoulos et al., 2020) in plain PyTorch: the reference every kernel is tested against.
+
+    y_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps),   S_i = sum_j phi(k_j) v_j^T,   z_i = sum_j phi(k_j)
+
+with j <= i (causal) or all j (bidirectional), phi(x) = elu(x) + 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def elu1(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1.0
+
+
+def feature(x: torch.Tensor, feature_map: str | None) -> torch.Tensor:
+    if feature_map is None:
+        return x
+    if feature_map == "elu1":
+        return elu1(x)
+    raise ValueError(f"unknown feature map {feature_map!r}; expected 'elu1' or None (inputs already mapped)")
+
+
+def linear_attention_ref(q, k, v, causal: bool = True, eps: float = 1e-6, feature_map: str | None = "elu1",
+                         key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q, k: (B, H, T, d); v: (B, H, S, dv); key_padding_mask: (B, S) bool, True = ignore. Returns (B, H, T, dv).
+
+    The causal form is the cumulative-sum formulation: it holds a (T, d, dv) tensor, so it is a reference, not
+    a fast path."""
+    q, k = feature(q, feature_map), feature(k, feature_map)
+    if key_padding_mask is not None:
+        k = k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    if causal:
+        kv = torch.einsum("bhtd,bhte->bhtde", k, v).cumsum(2)
+        z = k.cumsum(2)
+        num = torch.einsum("bhtd,bhtde->bhte", q, kv)
+        den = torch.einsum("bhtd,bhtd->bht", q, z)
+    else:
+        kv = torch.einsum("bhsd,bhse->bhde", k, v)
+        z = k.sum(2)
+        num = torch.einsum("bhtd,bhde->bhte", q, kv)
+        den = torch.einsum("bhtd,bhd->bht", q, z)
+    return num / (den.unsqueeze(-1) + eps)
+
+
+def linear_attention_step_ref(q, k, v, S, z, eps: float = 1e-6, feature_map: str | None = "elu1",
+                              write: torch.Tensor | None = None):
+    """One decoding step. q, k: (B, H, d); v: (B, H, dv); S: (B, H, d, dv); z: (B, H, d).
+
+    ``write`` (B,) bool: rows whose key/value enter the state (False for padding tokens). Returns (y, S, z)."""
+    q, k = feature(q, feature_map), feature(k, feature_map)
+    if write is not None:
+        k = k * write[:, None, None].to(k.dtype)
+    S = S + k.unsqueeze(-1) * v.unsqueeze(-2)
+    z = z + k
+    y = torch.einsum("bhd,bhde->bhe", q, S) / (torch.einsum("bhd,bhd->bh", q, z).unsqueeze(-1) + eps)
+    return y, S, z
