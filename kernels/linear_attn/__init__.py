@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import use_triton
-from .reference import elu1, linear_attention_ref, linear_attention_step_ref
+from .reference import elu1, linear_attention_chunked_torch, linear_attention_ref, linear_attention_step_ref
 
 
 def linear_attention(q, k, v, causal: bool = True, eps: float = 1e-6, feature_map: str | None = "elu1",
@@ -11,8 +11,8 @@ def linear_attention(q, k, v, causal: bool = True, eps: float = 1e-6, feature_ma
         from .function import linear_attention_triton
         return linear_attention_triton(q, k, v, causal=causal, eps=eps, feature_map=feature_map,
                                        key_padding_mask=key_padding_mask)
-    return linear_attention_ref(q, k, v, causal=causal, eps=eps, feature_map=feature_map,
-                                key_padding_mask=key_padding_mask)
+    return linear_attention_chunked_torch(q, k, v, causal=causal, eps=eps, feature_map=feature_map,
+                                          key_padding_mask=key_padding_mask)
 
 
 def linear_attention_step(q, k, v, S, z, eps: float = 1e-6, feature_map: str | None = "elu1", write=None,
@@ -23,4 +23,4 @@ def linear_attention_step(q, k, v, S, z, eps: float = 1e-6, feature_map: str | N
     return linear_attention_step_ref(q, k, v, S, z, eps=eps, feature_map=feature_map, write=write)
 
 
-__all__ = ["linear_attention", "linear_attention_step", "linear_attention_ref", "linear_attention_step_ref", "elu1"]
+__all__ = ["linear_attention", "linear_attention_step", "linear_attention_ref", "linear_attention_chunked_torch", "linear_attention_step_ref", "elu1"]

@@ -1,0 +1,230 @@
+"""Transformer encoder, decoder and encoder-decoder built from attention configs.
+
+Every attention module comes from ``build_attention(cfg, role, ...)`` with role "encoder" (bidirectional self),
+"decoder" (causal self) or "cross", so one config can give each role its own variant. Decoding is token by token
+through ``init_state`` / ``step``; the state is a plain dict of per-layer attention states plus the position, and
+``reorder_state`` reorders it for beam search.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import build_attention
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1, self.fc2, self.dropout = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model), nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
+def build_ffn(d_model: int, d_ff: int, dropout: float, ffn_topk: int | None, ffn_chunk_size: int = 1024):
+    if ffn_topk is None:
+        return FeedForward(d_model, d_ff, dropout)
+    from .topk_ffn import TopkFeedForward  # Gupta et al. 2021: keep the top-k hidden units per token
+    return TopkFeedForward(d_model, d_ff, ffn_topk, chunk_size=ffn_chunk_size, dropout=dropout)
+
+
+class Block(nn.Module):
+    """Self-attention (+ cross-attention) + feed-forward, each a residual branch with pre- or post-norm."""
+
+    def __init__(self, attention: Mapping, role: str, d_model: int, n_heads: int, d_ff: int, dropout: float,
+                 norm_first: bool, cross: bool = False, ffn_topk: int | None = None, ffn_chunk_size: int = 1024):
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = build_attention(attention, role, d_model, n_heads)
+        self.cross_attn = build_attention(attention, "cross", d_model, n_heads) if cross else None
+        self.ffn = build_ffn(d_model, d_ff, dropout, ffn_topk, ffn_chunk_size)
+        n_norms = 3 if cross else 2
+        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_norms))
+        self.dropout = nn.Dropout(dropout)
+
+    def _residual(self, x, i, fn):
+        if self.norm_first:
+            return x + self.dropout(fn(self.norms[i](x)))
+        return self.norms[i](x + self.dropout(fn(x)))
+
+    def forward(self, x, key_padding_mask=None, memory=None, memory_padding_mask=None):
+        x = self._residual(x, 0, lambda h: self.self_attn(h, key_padding_mask=key_padding_mask))
+        if self.cross_attn is not None:
+            x = self._residual(x, 1, lambda h: self.cross_attn(h, memory, memory_padding_mask))
+        return self._residual(x, len(self.norms) - 1, self.ffn)
+
+    def step(self, x, states: list, pad=None):
+        """One token through the block; ``states`` = [self_state(, cross_state)] is updated in place."""
+        def self_fn(h):
+            y, states[0] = self.self_attn.step(h, states[0], pad=pad)
+            return y
+
+        def cross_fn(h):
+            y, states[1] = self.cross_attn.step(h, states[1])
+            return y
+
+        x = self._residual(x, 0, self_fn)
+        if self.cross_attn is not None:
+            x = self._residual(x, 1, cross_fn)
+        return self._residual(x, len(self.norms) - 1, self.ffn)
+
+
+class Positions(nn.Module):
+    """Sinusoidal (Vaswani et al.) or learned absolute positions, with a hard length limit."""
+
+    def __init__(self, kind: str, max_len: int, d_model: int):
+        super().__init__()
+        self.kind, self.max_len = kind, max_len
+        if kind == "learned":
+            self.emb = nn.Embedding(max_len, d_model)
+            nn.init.normal_(self.emb.weight, std=0.02)
+        elif kind == "sinusoidal":
+            pos = torch.arange(max_len).unsqueeze(1)
+            div = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+            pe = torch.zeros(max_len, d_model)
+            pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)[:, : d_model // 2]
+            self.register_buffer("pe", pe, persistent=False)
+        else:
+            raise ValueError(f"unknown positions {kind!r}; expected 'sinusoidal' or 'learned'")
+
+    def forward(self, start: int, length: int) -> torch.Tensor:
+        if start + length > self.max_len:
+            raise ValueError(f"sequence of length {start + length} is longer than the model allows "
+                             f"(max_len={self.max_len}). Fix: raise `model.net.max_len` (learned positions "
+                             f"then need retraining) or shorten the inputs; nothing is truncated silently.")
+        if self.kind == "learned":
+            return self.emb.weight[start:start + length]
+        return self.pe[start:start + length]
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab_size: int, d_model: int, max_len: int, positions: str, dropout: float):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.tok.weight, std=d_model ** -0.5)
+        self.pos = Positions(positions, max_len, d_model)
+        self.scale = d_model ** 0.5
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return self.dropout(self.tok(tokens) * self.scale + self.pos(start, tokens.shape[1]))
+
+
+class Stack(nn.Module):
+    """N blocks of one role (+ a final norm when pre-norm)."""
+
+    def __init__(self, n_layers: int, role: str, cross: bool, attention, d_model, n_heads, d_ff, dropout,
+                 norm_first, ffn_topk=None, ffn_chunk_size=1024):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            Block(attention, role, d_model, n_heads, d_ff, dropout, norm_first, cross, ffn_topk, ffn_chunk_size)
+            for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
+
+    def forward(self, x, key_padding_mask=None, memory=None, memory_padding_mask=None):
+        for layer in self.layers:
+            x = layer(x, key_padding_mask, memory, memory_padding_mask)
+        return self.norm(x)
+
+
+class TransformerEncoder(nn.Module):
+    """Bidirectional encoder over tokens (or over precomputed features when vocab_size is None)."""
+
+    def __init__(self, attention: Mapping, vocab_size: int | None, max_len: int, d_model: int = 256,
+                 n_layers: int = 4, n_heads: int = 8, d_ff: int | None = None, dropout: float = 0.1,
+                 norm_first: bool = True, positions: str = "sinusoidal", ffn_topk: int | None = None,
+                 ffn_chunk_size: int = 1024):
+        super().__init__()
+        self.embed = Embedding(vocab_size, d_model, max_len, positions, dropout) if vocab_size else None
+        self.stack = Stack(n_layers, "encoder", False, attention, d_model, n_heads, d_ff or 4 * d_model, dropout,
+                           norm_first, ffn_topk, ffn_chunk_size)
+
+    def forward(self, tokens, key_padding_mask=None):
+        x = self.embed(tokens) if self.embed is not None else tokens
+        return self.stack(x, key_padding_mask)
+
+
+class TransformerDecoder(nn.Module):
+    """Causal decoder: a language model when ``cross=False``, the decoder of a seq2seq model when True."""
+
+    def __init__(self, attention: Mapping, vocab_size: int, max_len: int, d_model: int = 256, n_layers: int = 4,
+                 n_heads: int = 8, d_ff: int | None = None, dropout: float = 0.1, norm_first: bool = True,
+                 positions: str = "sinusoidal", tie_embeddings: bool = True, cross: bool = False,
+                 ffn_topk: int | None = None, ffn_chunk_size: int = 1024):
+        super().__init__()
+        self.vocab_size, self.max_len = vocab_size, max_len
+        self.embed = Embedding(vocab_size, d_model, max_len, positions, dropout)
+        self.stack = Stack(n_layers, "decoder", cross, attention, d_model, n_heads, d_ff or 4 * d_model, dropout,
+                           norm_first, ffn_topk, ffn_chunk_size)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embed.tok.weight
+
+    def forward(self, tokens, key_padding_mask=None, memory=None, memory_padding_mask=None):
+        """tokens (B, T) -> logits (B, T, vocab)."""
+        x = self.embed(tokens)
+        return self.head(self.stack(x, key_padding_mask, memory, memory_padding_mask))
+
+    # -- incremental decoding ------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, memory=None, memory_padding_mask=None) -> dict:
+        layers = []
+        for layer in self.stack.layers:
+            states = [layer.self_attn.init_state(batch_size)]
+            if layer.cross_attn is not None:
+                states.append(layer.cross_attn.init_state(batch_size, memory, memory_padding_mask))
+            layers.append(states)
+        return {"layers": layers, "pos": 0}
+
+    def step(self, tokens: torch.Tensor, state: dict, pad=None) -> torch.Tensor:
+        """tokens (B,) or (B, 1) -> logits (B, vocab); ``state`` advances in place."""
+        x = self.embed(tokens.view(-1, 1), start=state["pos"])
+        for layer, states in zip(self.stack.layers, state["layers"]):
+            x = layer.step(x, states, pad)
+        state["pos"] += 1
+        return self.head(self.stack.norm(x))[:, 0]
+
+    @staticmethod
+    def reorder_state(state: dict, index: torch.Tensor) -> dict:
+        return {"layers": [[s.reorder(index) for s in states] for states in state["layers"]], "pos": state["pos"]}
+
+    @torch.no_grad()
+    def generate(self, prefix: torch.Tensor, n_new: int, temperature: float = 0.0, generator=None) -> torch.Tensor:
+        """Feed ``prefix`` (B, T0) through the recurrent form, then sample (or argmax if temperature=0)."""
+        state = self.init_state(prefix.shape[0])
+        for t in range(prefix.shape[1]):
+            logits = self.step(prefix[:, t], state)
+        out = [prefix]
+        for _ in range(n_new):
+            if temperature > 0:
+                nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            out.append(nxt[:, None])
+            logits = self.step(nxt, state)
+        return torch.cat(out, 1)
+
+
+class TransformerSeq2Seq(nn.Module):
+    """Encoder-decoder; ``share_embeddings`` ties source, target and output embeddings (joint vocabulary)."""
+
+    def __init__(self, attention: Mapping, vocab_size: int, max_len: int, d_model: int = 512,
+                 encoder_layers: int = 6, decoder_layers: int = 6, n_heads: int = 8, d_ff: int | None = None,
+                 dropout: float = 0.1, norm_first: bool = True, positions: str = "sinusoidal",
+                 share_embeddings: bool = True, ffn_topk: int | None = None, ffn_chunk_size: int = 1024,
+                 src_vocab_size: int | None = None):
+        super().__init__()
+        self.encoder = TransformerEncoder(attention, src_vocab_size or vocab_size, max_len, d_model, encoder_layers,
+                                          n_heads, d_ff, dropout, norm_first, positions, ffn_topk, ffn_chunk_size)
+        self.decoder = TransformerDecoder(attention, vocab_size, max_len, d_model, decoder_layers, n_heads, d_ff,
+                                          dropout, norm_first, positions, True, True, ffn_topk, ffn_chunk_size)
+        if share_embeddings and not src_vocab_size:
+            self.encoder.embed.tok.weight = self.decoder.embed.tok.weight
+
+    def forward(self, src, tgt_in, src_padding_mask=None, tgt_padding_mask=None):
+        memory = self.encoder(src, src_padding_mask)
+        return self.decoder(tgt_in, tgt_padding_mask, memory, src_padding_mask)
