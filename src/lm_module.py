@@ -48,6 +48,7 @@ class LMModule(pl.LightningModule):
                 f"`trainer.precision=32`; resume from the last good checkpoint with `ckpt_path=...`.")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", correct.float() / n.clamp_min(1), prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def _eval_step(self, batch, split):

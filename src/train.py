@@ -6,6 +6,7 @@ import logging
 import os
 import resource
 import time
+import warnings
 
 import hydra
 import pytorch_lightning as pl
@@ -13,6 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("attnlab")
+# Our datamodules resume by themselves (the train sampler starts at trainer.global_step), so Lightning's warning
+# that a mid-epoch resume replays the epoch from its start does not apply.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 def _instantiate_group(cfg: DictConfig | None) -> list:
@@ -50,7 +54,8 @@ def run(cfg: DictConfig) -> dict:
     log.info("model: %.2fM parameters", n_params / 1e6)
 
     if cfg.train:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # weights_only=False: our checkpoints hold the optimizer/scheduler factories (functools.partial)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
     elif not cfg.get("ckpt_path"):
         log.warning("train=false and no ckpt_path: evaluating an untrained model")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -1,0 +1,22 @@
+"""Top-k attention op (Gupta et al., 2021): dispatch between the Triton kernel and the chunked PyTorch reference."""
+from __future__ import annotations
+
+from .. import use_triton
+from .reference import topk_attention_chunked, topk_attention_dense
+
+
+def topk_attention(q, k, v, topk: int, causal: bool, key_padding_mask=None, chunk_size: int = 1024,
+                   dropout_p: float = 0.0, scale=None, backend: str = "auto"):
+    if dropout_p > 0 and backend == "triton":
+        raise ValueError("topk_attention: the Triton kernel has no attention dropout; set the attention "
+                         "dropout to 0 or use backend='auto' / 'torch' (the chunked PyTorch version has it)")
+    # use_triton also validates `backend`; under auto, training with dropout takes the chunked PyTorch path
+    if use_triton(backend, q, k, v) and dropout_p == 0:
+        from .function import topk_attention_triton
+        return topk_attention_triton(q, k, v, topk, causal, key_padding_mask=key_padding_mask,
+                                     chunk_size=chunk_size, scale=scale)
+    return topk_attention_chunked(q, k, v, topk, causal, key_padding_mask=key_padding_mask, chunk_size=chunk_size,
+                                  dropout_p=dropout_p, scale=scale)
+
+
+__all__ = ["topk_attention", "topk_attention_chunked", "topk_attention_dense"]
