@@ -79,7 +79,7 @@ class LMModule(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = self.hparams.optimizer(params=self.parameters())
-        if self.hparams.scheduler is None:
+        if not self.hparams.scheduler:  # None, or the empty model/scheduler=none
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.hparams.scheduler(optimizer=opt),
                                                    "interval": self.hparams.scheduler_interval}}

@@ -60,14 +60,19 @@ class SoftmaxAttention(Attention):
         return State(k=p.new_zeros(batch_size, H, 0, d), v=p.new_zeros(batch_size, H, 0, d),
                      pad=torch.zeros(batch_size, 0, dtype=torch.bool, device=p.device))
 
+    def append_kv(self, x, state, pad=None) -> State:
+        """Decoder role: the KV cache with the new token's key and value appended (cross: unchanged)."""
+        if self.role != "decoder":
+            return state
+        k, v = self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+        if pad is None:
+            pad = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return State(k=torch.cat([state["k"], k], 2), v=torch.cat([state["v"], v], 2),
+                     pad=torch.cat([state["pad"], pad[:, None]], 1))
+
     def step(self, x, state, pad=None):
         q = self.split_heads(self.q_proj(x))
-        if self.role == "decoder":
-            k, v = self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
-            if pad is None:
-                pad = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            state = State(k=torch.cat([state["k"], k], 2), v=torch.cat([state["v"], v], 2),
-                          pad=torch.cat([state["pad"], pad[:, None]], 1))
+        state = self.append_kv(x, state, pad)
         mask = state["pad"]
         mask = ~mask[:, None, None, :] | (mask.all(-1)[:, None, None, None])
         y = F.scaled_dot_product_attention(q, state["k"], state["v"], attn_mask=mask)

@@ -12,7 +12,7 @@ from kernels import BACKENDS
 from kernels.topk_attn import topk_attention
 
 from . import register
-from .base import ConfigError, State
+from .base import ConfigError
 from .softmax import SoftmaxAttention
 
 
@@ -42,12 +42,7 @@ class TopkAttention(SoftmaxAttention):
     # init_state is SoftmaxAttention's: the KV cache (k, v, pad) of the source or of the tokens so far.
     def step(self, x, state, pad=None):
         q = self.split_heads(self.q_proj(x))
-        if self.role == "decoder":
-            k, v = self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
-            if pad is None:
-                pad = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            state = State(k=torch.cat([state["k"], k], 2), v=torch.cat([state["v"], v], 2),
-                          pad=torch.cat([state["pad"], pad[:, None]], 1))
+        state = self.append_kv(x, state, pad)
         # the cache holds only visible keys (past + current), so no causal mask: top-k over the whole cache
         y = topk_attention(q, state["k"], state["v"], self.topk, False, state["pad"], chunk_size=self.chunk_size,
                            backend=self.backend)

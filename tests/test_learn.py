@@ -1,0 +1,47 @@
+"""The copy task is learned on CPU within a time budget, and top-k attention drops into a softmax checkpoint.
+
+Slow: run with `pytest --runslow`. Each training run stops at 95% validation accuracy or after 3 minutes."""
+import pytest
+
+from src.train import run
+
+LEARN = ["task.max_len=32", "logger=none", "trainer.accelerator=cpu", "trainer.max_time=00:00:03:00",
+         "trainer.max_steps=20000", "trainer.val_check_interval=100", "trainer.enable_progress_bar=false",
+         "task.val_size=512", "task.test_size=512", "+callbacks.target._target_=pytorch_lightning.callbacks.EarlyStopping",
+         "+callbacks.target.monitor=val/acc", "+callbacks.target.mode=max", "+callbacks.target.stopping_threshold=0.95",
+         "+callbacks.target.patience=1000"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One training run per variant, shared by the tests below."""
+    cache = {}
+
+    def get(attention, compose_cfg):
+        if attention not in cache:
+            out = tmp_path_factory.mktemp(attention)
+            cache[attention] = (run(compose_cfg([f"attention={attention}", *LEARN], out=out)), out)
+        return cache[attention]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["softmax", "linear", "memsizer", "topk"])
+def test_copy_task_is_learned_within_3_minutes(trained, compose_cfg, attention):
+    results, _ = trained(attention, compose_cfg)
+    acc = results["metrics"]["val/acc"]
+    print(f"{attention}: val/acc={acc:.4f} after {results['steps']} steps, {results['wall_time_s']:.0f}s")
+    assert acc >= 0.95, f"{attention} reached only {acc:.3f} per-symbol accuracy in {results['steps']} steps"
+
+
+@pytest.mark.slow
+def test_softmax_checkpoint_evaluated_with_topk_loses_under_one_point(trained, compose_cfg, tmp_path):
+    results, out = trained("softmax", compose_cfg)
+    ckpt = next((out / "checkpoints").glob("step*.ckpt"))  # the best checkpoint: the one the test metrics used
+    base = results["metrics"]["test/acc"]
+    L = 64  # longest model input of the copy task with max_len=32
+    swapped = run(compose_cfg(["attention=topk", f"attention.k={L // 4}", "train=false", f"ckpt_path={ckpt}",
+                               *LEARN], out=tmp_path / "topk"))
+    acc = swapped["metrics"]["test/acc"]
+    print(f"softmax checkpoint: test/acc {base:.4f} with softmax, {acc:.4f} with top-{L // 4}")
+    assert acc > base - 0.01
