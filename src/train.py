@@ -11,7 +11,10 @@ import warnings
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+
+from .attention import ConfigError
 
 log = logging.getLogger("attnlab")
 # Our datamodules resume by themselves (the train sampler starts at trainer.global_step), so Lightning's warning
@@ -28,8 +31,13 @@ def build(cfg: DictConfig):
     """Datamodule, LightningModule, Trainer. Any config error (unknown option, invalid combination of an
     attention variant with a role) is raised here, before training starts."""
     datamodule = hydra.utils.instantiate(cfg.task)
-    model = hydra.utils.instantiate(
-        cfg.model, net={"vocab_size": datamodule.vocab_size, "max_len": datamodule.max_len})
+    try:
+        model = hydra.utils.instantiate(
+            cfg.model, net={"vocab_size": datamodule.vocab_size, "max_len": datamodule.max_len})
+    except InstantiationException as e:  # show our message (it names the fix), not Hydra's wrapper
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")),
                                       logger=loggers or False)

@@ -37,11 +37,12 @@ class Block(nn.Module):
     """Self-attention (+ cross-attention) + feed-forward, each a residual branch with pre- or post-norm."""
 
     def __init__(self, attention: Mapping, role: str, d_model: int, n_heads: int, d_ff: int, dropout: float,
-                 norm_first: bool, cross: bool = False, ffn_topk: int | None = None, ffn_chunk_size: int = 1024):
+                 norm_first: bool, cross: bool = False, ffn_topk: int | None = None, ffn_chunk_size: int = 1024,
+                 max_len: int | None = None):
         super().__init__()
         self.norm_first = norm_first
-        self.self_attn = build_attention(attention, role, d_model, n_heads)
-        self.cross_attn = build_attention(attention, "cross", d_model, n_heads) if cross else None
+        self.self_attn = build_attention(attention, role, d_model, n_heads, max_len)
+        self.cross_attn = build_attention(attention, "cross", d_model, n_heads, max_len) if cross else None
         self.ffn = build_ffn(d_model, d_ff, dropout, ffn_topk, ffn_chunk_size)
         n_norms = 3 if cross else 2
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_norms))
@@ -119,10 +120,11 @@ class Stack(nn.Module):
     """N blocks of one role (+ a final norm when pre-norm)."""
 
     def __init__(self, n_layers: int, role: str, cross: bool, attention, d_model, n_heads, d_ff, dropout,
-                 norm_first, ffn_topk=None, ffn_chunk_size=1024):
+                 norm_first, ffn_topk=None, ffn_chunk_size=1024, max_len=None):
         super().__init__()
         self.layers = nn.ModuleList(
-            Block(attention, role, d_model, n_heads, d_ff, dropout, norm_first, cross, ffn_topk, ffn_chunk_size)
+            Block(attention, role, d_model, n_heads, d_ff, dropout, norm_first, cross, ffn_topk, ffn_chunk_size,
+                  max_len)
             for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
 
@@ -142,7 +144,7 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.embed = Embedding(vocab_size, d_model, max_len, positions, dropout) if vocab_size else None
         self.stack = Stack(n_layers, "encoder", False, attention, d_model, n_heads, d_ff or 4 * d_model, dropout,
-                           norm_first, ffn_topk, ffn_chunk_size)
+                           norm_first, ffn_topk, ffn_chunk_size, max_len)
 
     def forward(self, tokens, key_padding_mask=None):
         x = self.embed(tokens) if self.embed is not None else tokens
@@ -160,7 +162,7 @@ class TransformerDecoder(nn.Module):
         self.vocab_size, self.max_len = vocab_size, max_len
         self.embed = Embedding(vocab_size, d_model, max_len, positions, dropout)
         self.stack = Stack(n_layers, "decoder", cross, attention, d_model, n_heads, d_ff or 4 * d_model, dropout,
-                           norm_first, ffn_topk, ffn_chunk_size)
+                           norm_first, ffn_topk, ffn_chunk_size, max_len)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.tok.weight

@@ -70,10 +70,13 @@ def role_options(cfg: Mapping, role: str) -> tuple[str, dict]:
     return name, opts
 
 
-def build_attention(cfg: Mapping, role: str, d_model: int, n_heads: int) -> Attention:
+def build_attention(cfg: Mapping, role: str, d_model: int, n_heads: int, max_len: int | None = None) -> Attention:
+    """``max_len`` (the model's longest sequence) is passed to variants that take it (Linformer) unless set."""
     name, opts = role_options(cfg, role)
     cls = get(name)
     params = inspect.signature(cls.__init__).parameters
+    if max_len is not None and "max_len" in params and opts.get("max_len") is None:
+        opts["max_len"] = max_len
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         valid = [p for p in params if p not in ("self", "d_model", "n_heads", "role")]
         unknown = sorted(set(opts) - set(valid))

@@ -45,8 +45,8 @@ class LinformerAttention(Attention):
         S = src.shape[1]
         if S > self.max_len:
             raise ValueError(f"linformer: key sequence of length {S} is longer than max_len={self.max_len} "
-                             f"(its projections E, F have one column per position). Fix: raise `attention.max_len` (and retrain) "
-                             f"or shorten the inputs; nothing is truncated.")
+                             f"(its projections E, F have one column per position). Fix: raise `attention.max_len` "
+                             f"(and retrain) or shorten the inputs; nothing is truncated.")
         keys, values = self.k_proj(src), self.v_proj(src)
         if pad is not None:
             keys, values = (t.masked_fill(pad[:, :, None], 0.0) for t in (keys, values))

@@ -90,7 +90,8 @@ class PerformerAttention(Attention):
         self.check_inputs(x, memory, key_padding_mask)
         self.maybe_redraw()
         src = x if memory is None else memory
-        q, k, v = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(src)), self.split_heads(self.v_proj(src))
+        q, k = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(src))
+        v = self.split_heads(self.v_proj(src))
         qf, kf = self.phi(q, True), self.phi(k, False)
         y = linear_attention(qf, kf, v.to(qf.dtype), causal=self.causal, eps=self.eps, feature_map=None,
                              key_padding_mask=key_padding_mask, backend=self.backend)

@@ -4,10 +4,11 @@ Shared QK: each position has one vector q_i; its key is k_i = q_i / |q_i|. Each 
 with a random rotation R (d x n_buckets/2): h(k) = argmax([kR, -kR]). Positions are sorted by (bucket, position),
 cut into chunks of ``chunk_size``, and each query attends to the keys of its own bucket inside its chunk and the
 previous chunk (and to earlier positions only, when causal). A query does not attend to itself unless nothing else
-is available (its self logit is lowered by 5e4, which makes its weight exactly 0 whenever another key exists). Rounds
-are combined by their logsumexp, and a key shared with a query in N rounds has its logit lowered by log N (paper,
-Eq. 6), so when every chunk window holds its queries' whole buckets the result is exactly softmax attention over
-{j : j shares a bucket with i in at least one round} (``lsh_attention_reference``).
+is available (its self logit is lowered by 5e4, which makes its weight exactly 0 whenever another key exists).
+Padding is ignored and sorted last, so it never moves the chunk windows of real tokens. Rounds are combined by
+their logsumexp, and a key sharing a bucket with a query in N rounds has its logit lowered by log N (as in the
+paper, so that it is not counted N times): when every chunk window holds its queries' whole buckets the result is
+exactly softmax attention over {j : j shares a bucket with i in at least one round} (``lsh_attention_reference``).
 
 Cost: training O(T log T) for the sort + O(T * n_hashes * chunk_size * d) for the attention.
 Decoding (``step``) is honest about what LSH buys at inference: it keeps a cache of all unit keys, values and their
@@ -119,22 +120,23 @@ class ReformerAttention(Attention):
             raise ConfigError(f"reformer: n_buckets={n_buckets} must be even and >= 2 (hash = argmax over "
                               f"[xR, -xR] with R of n_buckets/2 columns). Fix: e.g. `attention.n_buckets=16`.")
         if n_hashes < 1 or chunk_size < 1:
-            raise ConfigError(f"reformer: n_hashes={n_hashes} and chunk_size={chunk_size} must be >= 1")
+            raise ConfigError(f"reformer: n_hashes={n_hashes} and chunk_size={chunk_size} must be >= 1. "
+                              f"Fix: e.g. `attention.n_hashes=4 attention.chunk_size=32`.")
         self.n_hashes, self.n_buckets, self.chunk_size, self.redraw = n_hashes, n_buckets, chunk_size, redraw
         self.qk_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.register_buffer("rotations", torch.randn(n_heads, n_hashes, self.head_dim, n_buckets // 2))
 
-    def hash(self, kn: torch.Tensor) -> torch.Tensor:
-        rot = torch.randn_like(self.rotations) if self.training and self.redraw else self.rotations
-        return lsh_buckets(kn, rot)
+    def hash(self, kn: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        return lsh_buckets(kn, torch.randn_like(self.rotations) if fresh else self.rotations)
 
     def forward(self, x, memory=None, key_padding_mask=None):
         self.check_inputs(x, memory, key_padding_mask)
         q, v = self.split_heads(self.qk_proj(x)), self.split_heads(self.v_proj(x))
         kn = F.normalize(q, dim=-1)
-        y = lsh_attention(q, kn, v, self.hash(kn), self.n_buckets, self.causal, key_padding_mask, self.chunk_size,
+        buckets = self.hash(kn, fresh=self.training and self.redraw)
+        y = lsh_attention(q, kn, v, buckets, self.n_buckets, self.causal, key_padding_mask, self.chunk_size,
                           self.dropout if self.training else 0.0)
         return self.out_proj(self.merge_heads(y))
 
@@ -150,7 +152,7 @@ class ReformerAttention(Attention):
     def step(self, x, state, pad=None):
         q, v = self.split_heads(self.qk_proj(x)), self.split_heads(self.v_proj(x))  # (B, H, 1, d)
         kn = F.normalize(q, dim=-1)
-        b = self.hash(kn).transpose(2, 3)  # (B, H, 1, R)
+        b = self.hash(kn).transpose(2, 3)  # (B, H, 1, R); always the saved rotations, as for the cached keys
         if pad is None:
             pad = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         state = State(kn=torch.cat([state["kn"], kn], 2), v=torch.cat([state["v"], v], 2),
@@ -161,7 +163,7 @@ class ReformerAttention(Attention):
         allowed = (state["buckets"] == b).any(-1) & (~state["pad"][:, None, :] | is_self)  # (B, H, t)
         s = (q @ state["kn"].transpose(-1, -2))[:, :, 0] * self.head_dim ** -0.5 - SELF_PENALTY * is_self.to(q.dtype)
         p = s.masked_fill(~allowed, float("-inf")).softmax(-1)
-        y = (p.unsqueeze(-2) @ state["v"])  # (B, H, 1, d)
+        y = p.unsqueeze(-2) @ state["v"]  # (B, H, 1, d)
         return self.out_proj(self.merge_heads(y)), state
 
     def extra_repr(self) -> str:
