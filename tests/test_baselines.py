@@ -188,21 +188,21 @@ def test_performer_redraws_every_n_training_calls_and_never_in_eval():
     attn = build_attention({"name": "performer", "nb_features": 8, "redraw": 3}, "encoder", D, H)
     x = torch.randn(1, 4, D)
     attn.eval()
-    w0 = attn.features.clone()
+    w0 = attn.features_w.clone()
     for _ in range(5):
         attn(x)
-    assert torch.equal(attn.features, w0)
+    assert torch.equal(attn.features_w, w0)
     attn.train()
     seen = []
     for _ in range(7):
         attn(x)
-        seen.append(attn.features.clone())
+        seen.append(attn.features_w.clone())
     changed = [not torch.equal(a, b) for a, b in zip([w0] + seen[:-1], seen)]
     assert changed == [False, False, False, True, False, False, True]
     # the counter travels with the checkpoint, so a resumed run redraws on the same step
     clone = build_attention({"name": "performer", "nb_features": 8, "redraw": 3}, "encoder", D, H)
     clone.load_state_dict(attn.state_dict())
-    assert clone.calls == attn.calls == 1 and torch.equal(clone.features, attn.features)
+    assert clone.calls == attn.calls == 1 and torch.equal(clone.features_w, attn.features_w)
 
 
 # --------------------------------------------------------------------------------------------------- Linformer

@@ -1,14 +1,16 @@
 """Linear attention with the elu+1 feature map (Katharopoulos et al., 2020, "Transformers are RNNs").
 
-Causal decoding is an RNN whose state per head is S = sum phi(k) v^T (d x d) and z = sum phi(k) (d): constant in
-length. There is no attention matrix, so there is nothing for attention dropout to drop."""
+Causal decoding is an RNN whose state per head is S = sum phi(k) v^T (m x d) and z = sum phi(k) (m): constant in
+length. There is no attention matrix, so there is nothing for attention dropout to drop.
+
+Other feature maps (Performer's random features) subclass this and override ``features``."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from kernels.linear_attn import linear_attention, linear_attention_step
-from kernels.linear_attn.reference import elu1
+from kernels.linear_attn.reference import feature
 
 from . import register
 from .base import Attention, State
@@ -25,36 +27,51 @@ class LinearAttention(Attention):
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
+    def features(self, x: torch.Tensor, is_query: bool) -> tuple[torch.Tensor, str | None]:
+        """(B, H, T, d) projections -> (input to the op, the feature map the op applies). elu+1 is left to the op,
+        where the Triton kernel fuses it."""
+        return x, "elu1"
+
+    def mapped(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
+        """phi(x), materialised (for the state summaries)."""
+        x, fmap = self.features(x, is_query)
+        return feature(x, fmap)
+
     def forward(self, x, memory=None, key_padding_mask=None):
         self.check_inputs(x, memory, key_padding_mask)
         src = x if memory is None else memory
-        q, k, v = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(src)), self.split_heads(self.v_proj(src))
-        y = linear_attention(q, k, v, causal=self.causal, eps=self.eps, key_padding_mask=key_padding_mask,
-                             backend=self.backend)
-        return self.out_proj(self.merge_heads(y))
+        (q, fmap), (k, _) = self.features(self.split_heads(self.q_proj(x)), True), \
+            self.features(self.split_heads(self.k_proj(src)), False)
+        v = self.split_heads(self.v_proj(src)).to(q.dtype)
+        y = linear_attention(q, k, v, causal=self.causal, eps=self.eps, feature_map=fmap,
+                             key_padding_mask=key_padding_mask, backend=self.backend)
+        return self.out_proj(self.merge_heads(y).to(x.dtype))
 
     def init_state(self, batch_size, memory=None, memory_padding_mask=None):
         if self.role == "cross":  # the source summary is computed once: S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j)
             self.check_inputs(memory[:, :1], memory, memory_padding_mask)
-            k, v = elu1(self.split_heads(self.k_proj(memory))), self.split_heads(self.v_proj(memory))
+            k = self.mapped(self.split_heads(self.k_proj(memory)), False)
+            v = self.split_heads(self.v_proj(memory)).to(k.dtype)
             if memory_padding_mask is not None:
                 k = k.masked_fill(memory_padding_mask[:, None, :, None], 0.0)
-            return State(S=torch.einsum("bhsd,bhse->bhde", k, v), z=k.sum(2))
+            return State(S=torch.einsum("bhsm,bhse->bhme", k, v), z=k.sum(2))
         if self.role != "decoder":
             raise ValueError("encoder self-attention is bidirectional and has no incremental form")
-        p = self.q_proj.weight
-        H, d = self.n_heads, self.head_dim
-        return State(S=p.new_zeros(batch_size, H, d, d), z=p.new_zeros(batch_size, H, d))
+        probe = self.mapped(self.q_proj.weight.new_zeros(1, 1, 1, self.head_dim), False)  # feature width, dtype
+        m = probe.shape[-1]
+        return State(S=probe.new_zeros(batch_size, self.n_heads, m, self.head_dim),
+                     z=probe.new_zeros(batch_size, self.n_heads, m))
 
     def step(self, x, state, pad=None):
         q = self.split_heads(self.q_proj(x))[:, :, 0]
         if self.role == "cross":
-            qf = elu1(q)
-            y = torch.einsum("bhd,bhde->bhe", qf, state["S"])
-            y = y / (torch.einsum("bhd,bhd->bh", qf, state["z"]).unsqueeze(-1) + self.eps)
+            qf = self.mapped(q, True)
+            y = torch.einsum("bhm,bhme->bhe", qf, state["S"])
+            y = y / (torch.einsum("bhm,bhm->bh", qf, state["z"]).unsqueeze(-1) + self.eps)
         else:
-            k, v = self.split_heads(self.k_proj(x))[:, :, 0], self.split_heads(self.v_proj(x))[:, :, 0]
-            y, S, z = linear_attention_step(q, k, v, state["S"], state["z"], eps=self.eps,
+            (q, fmap), (k, _) = self.features(q, True), self.features(self.split_heads(self.k_proj(x))[:, :, 0], False)
+            v = self.split_heads(self.v_proj(x))[:, :, 0].to(q.dtype)
+            y, S, z = linear_attention_step(q, k, v, state["S"], state["z"], eps=self.eps, feature_map=fmap,
                                             write=None if pad is None else ~pad, backend=self.backend)
             state = State(S=S, z=z)
-        return self.out_proj(y.unsqueeze(1).flatten(2)), state
+        return self.out_proj(y.to(x.dtype).unsqueeze(1).flatten(2)), state
