@@ -83,7 +83,7 @@ class Positions(nn.Module):
         self.kind, self.max_len = kind, max_len
         if kind == "learned":
             self.emb = nn.Embedding(max_len, d_model)
-            nn.init.normal_(self.emb.weight, std=0.02)
+            nn.init.normal_(self.emb.weight, std=1.0)  # the scale of the (sqrt(d)-scaled) token embeddings
         elif kind == "sinusoidal":
             pos = torch.arange(max_len).unsqueeze(1)
             div = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
