@@ -119,3 +119,20 @@ def test_multirun_writes_one_results_file_per_job(tmp_path):
     found = sorted(tmp_path.glob("*/results.json"))
     assert len(found) == 2
     assert {json.loads(p.read_text())["config"]["attention"]["name"] for p in found} == {"softmax", "linear"}
+
+
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+def test_bf16_mixed_precision_runs(compose_cfg, attention):
+    cfg = compose_cfg([f"attention={attention}", "logger=none", "trainer.fast_dev_run=true", "trainer.accelerator=cpu",
+                       "trainer.precision=bf16-mixed", *TINY])
+    results = run(cfg)
+    assert results["steps"] == 1 and all(v == v for v in results["metrics"].values())
+
+
+def test_nan_loss_stops_with_a_clear_error(compose_cfg):
+    datamodule, model, trainer = build(compose_cfg(["logger=none", "trainer.fast_dev_run=true",
+                                                    "trainer.accelerator=cpu", *TINY]))
+    with torch.no_grad():
+        model.net.embed.tok.weight[2:, 0] = float("nan")  # every symbol (ids >= 2) now poisons the loss
+    with pytest.raises(FloatingPointError, match="Fix: lower `model.optimizer.lr`"):
+        trainer.fit(model, datamodule=datamodule)
