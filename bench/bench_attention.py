@@ -29,11 +29,11 @@ sys.path.insert(0, ROOT)  # kernels/ without PYTHONPATH
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # plot.py
 import plot  # noqa: E402
 
-ALL_VARIANTS = ["sdpa_flash", "linear_triton", "linear_torch", "fla_chunk", "memsizer_triton", "memsizer_torch",
-                "topk_triton", "topk_torch"]
+ALL_VARIANTS = ["sdpa_flash", "linear_triton", "linear_torch", "linear_ref", "fla_chunk", "memsizer_triton",
+                "memsizer_torch", "memsizer_ref", "topk_triton", "topk_torch"]
 # Cost grows as T**order: used to predict the next T's time from the last one and skip calls that would be too long.
-ORDER = {"sdpa_flash": 2, "linear_triton": 1, "linear_torch": 1, "fla_chunk": 1, "memsizer_triton": 1,
-         "memsizer_torch": 1, "topk_triton": 2, "topk_torch": 2}
+ORDER = {"sdpa_flash": 2, "linear_triton": 1, "linear_torch": 1, "linear_ref": 1, "fla_chunk": 1,
+         "memsizer_triton": 1, "memsizer_torch": 1, "memsizer_ref": 1, "topk_triton": 2, "topk_torch": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,8 +67,11 @@ def make_variant(name, a):
     if name.startswith("linear_"):
         from kernels.linear_attn import linear_attention
         from kernels.linear_attn.reference import linear_attention_ref
-        be = _tri(a) if name == "linear_triton" else "torch"
-        fn = lambda q, k, v: linear_attention(q, k, v, causal=True, backend=be)  # noqa: E731
+        if name == "linear_ref":  # the definition: cumulative sums over a (B, H, T, D, D) tensor
+            fn = lambda q, k, v: linear_attention_ref(q, k, v, causal=True)  # noqa: E731
+        else:  # backend="torch" is the chunked PyTorch path
+            be = _tri(a) if name == "linear_triton" else "torch"
+            fn = lambda q, k, v: linear_attention(q, k, v, causal=True, backend=be)  # noqa: E731
         return (lambda B, H, T: (_qkv(a, B, H, T), fn)), (lambda q, k, v: linear_attention_ref(q, k, v, causal=True))
     if name == "fla_chunk":
         if a.device.type != "cuda":
@@ -84,15 +87,19 @@ def make_variant(name, a):
             return t(linear_attention_ref(t(q), t(k), t(v), causal=True))
         return (lambda B, H, T: (_qkv(a, B, H, T, layout="bthd"), fn)), ref
     if name.startswith("memsizer_"):
-        from kernels.memsizer import memsizer
-        be = _tri(a) if name == "memsizer_triton" else "torch"
+        from kernels.memsizer import memsizer, memsizer_ref
+        if name == "memsizer_ref":  # the definition: a prefix sum over a (B, T, k, d) tensor
+            fn = lambda p, k, v: memsizer_ref(p, k, v, causal=True)  # noqa: E731
+        else:  # backend="torch" is the chunked PyTorch path
+            be = _tri(a) if name == "memsizer_triton" else "torch"
+            fn = lambda p, k, v: memsizer(p, k, v, causal=True, backend=be)  # noqa: E731
 
         def mk(B, H, T):  # one head, a.slots slots, values as wide as all heads of the other variants: H * D
             p = torch.randn(B, T, a.slots, device=a.device).softmax(-1).to(a.dtype)
             k = torch.randn(B, T, a.slots, device=a.device).softmax(-1).to(a.dtype)
             v = torch.randn(B, T, H * a.D, device=a.device, dtype=a.dtype)
-            return [p, k, v], lambda p, k, v: memsizer(p, k, v, causal=True, backend=be)
-        return mk, (lambda p, k, v: memsizer(p, k, v, causal=True, backend="torch"))
+            return [p, k, v], fn
+        return mk, (lambda p, k, v: memsizer_ref(p, k, v, causal=True))
     if name.startswith("topk_"):
         from kernels.topk_attn import topk_attention
         be = _tri(a) if name == "topk_triton" else "torch"
@@ -179,9 +186,10 @@ def error_string(e: BaseException) -> str:
 
 
 def check(make, ref, a) -> float:
-    """Relative L2 error of the timed op against its float32 reference at a small odd shape (T not a power of 2)."""
+    """Relative L2 error of the timed op against its float32 reference, at the sweep's B, H and first T (capped at
+    1024): the shape the kernels are compiled and autotuned for anyway (fla autotunes per head count)."""
     torch.manual_seed(1)
-    inputs, fn = make(2, 2, 200)
+    inputs, fn = make(a.B, a.H, a.check_T)
     with torch.no_grad():
         out = fn(*inputs).float()
         exp = ref(*[x.float() for x in inputs]).float()
@@ -212,11 +220,15 @@ def decode_bench(a, timer, log):
     sdt = a.state_dtype  # linear attention / MemSizer step: inputs and state in one dtype (the state sums the context)
     cases = []  # (op, context, step fn)
 
-    def la_case(be):
+    def la_case(be):  # be == "inplace": the allocation-free Triton step that updates S, z in place
         from kernels.linear_attn import linear_attention_step
         q, k, v = (torch.randn(B, H, d, device=dev, dtype=sdt) for _ in range(3))
         S = torch.rand(B, H, d, d, device=dev, dtype=sdt)  # random, not zeros: realistic data, every byte read
         z = torch.rand(B, H, d, device=dev, dtype=sdt) + 1
+        if be == "inplace":
+            from kernels.linear_attn.recurrent import linear_attention_step_
+            out = torch.empty_like(v)
+            return lambda: linear_attention_step_(q, k, v, S, z, out)
         return lambda: linear_attention_step(q, k, v, S, z, backend=be)
 
     def ms_case(be):  # one head, values as wide as the heads of the other ops together (H * d), as in the T sweep
@@ -226,6 +238,10 @@ def decode_bench(a, timer, log):
         v = torch.randn(B, H * d, device=dev, dtype=sdt)
         S = torch.rand(B, a.slots, H * d, device=dev, dtype=sdt)
         count = torch.full((B,), 100.0, device=dev, dtype=sdt)
+        if be == "inplace":
+            from kernels.memsizer.recurrent import memsizer_step_
+            out = torch.empty_like(v)
+            return lambda: memsizer_step_(p, k, v, S, count, out)
         return lambda: memsizer_step(p, k, v, S, count, backend=be)
 
     def sdpa_case(ctx):
@@ -243,10 +259,9 @@ def decode_bench(a, timer, log):
             return F.scaled_dot_product_attention(q, kc, vc)
         return step
 
-    tri = _tri(a)
-    builders = [("linear_step_" + tri, None, lambda: la_case(tri)), ("linear_step_torch", None, lambda: la_case("torch")),
-                ("memsizer_step_" + tri, None, lambda: ms_case(tri)), ("memsizer_step_torch", None, lambda: ms_case("torch"))]
-    builders = [b for i, b in enumerate(builders) if tri != "torch" or i % 2 == 1]  # no duplicate rows on CPU
+    bes = ["inplace", "triton", "torch"] if _tri(a) == "triton" else ["torch"]
+    builders = [(f"linear_step_{be}", None, (lambda be=be: la_case(be))) for be in bes]
+    builders += [(f"memsizer_step_{be}", None, (lambda be=be: ms_case(be))) for be in bes]
     builders += [("sdpa_kv_cache", c, (lambda c=c: sdpa_case(c))) for c in a.contexts]
     for op, ctx, build in builders:
         row = {"op": op, "context": ctx}
@@ -305,7 +320,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench/out", help="folder for results.json, results.md, time.png, memory.png")
     p.add_argument("--quick", action="store_true", help="a few T only (CPU: tiny shapes)")
     p.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 512 ... 65536)")
-    p.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
+    p.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS, metavar="NAME",
+                   help="some of: " + " ".join(ALL_VARIANTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float16 | float32 (default on CPU)")
     p.add_argument("--B", type=int, default=None, help="batch (default 8; CPU quick: 2)")
@@ -318,9 +334,9 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=float, default=100.0, help="time spent on samples per measurement")
     p.add_argument("--min-iters", type=int, default=3)
     p.add_argument("--max-iters", type=int, default=50)
-    p.add_argument("--max-call-s", type=float, default=3.0,
+    p.add_argument("--max-call-s", type=float, default=5.0,
                    help="skip a measurement whose one call is predicted (from the last T) to take longer")
-    p.add_argument("--budget-s", type=float, default=480.0,
+    p.add_argument("--budget-s", type=float, default=450.0,
                    help="wall-clock budget: measurements left when it runs out are skipped (recorded as such)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-step benchmark")
     p.add_argument("--contexts", type=int, nargs="+", default=[784, 3072, 16384], help="KV-cache lengths for SDPA decode")
@@ -337,6 +353,7 @@ def parse_args(argv=None):
     a.B, a.H, a.D = a.B or (2 if tiny else 8), a.H or (2 if tiny else 16), a.D or (16 if tiny else 64)
     if a.T is None:
         a.T = ([64, 128] if cpu else [512, 2048, 8192]) if a.quick else [2 ** i for i in range(9, 17)]
+    a.check_T = min(a.T[0], 1024)
     a.dB, a.dH, a.dD = (2, 2, 16) if tiny else (64, 8, 64)
     if tiny:
         a.contexts, a.topk, a.slots, a.decode_iters = [32, 64], 8, 8, 20
@@ -352,7 +369,7 @@ def main(argv=None):
            "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": a.commit or git_commit(), "argv": sys.argv[1:],
            "config": {"variants": a.variants, "T": a.T, "B": a.B, "H": a.H, "D": a.D, "dtype": str(a.dtype).split(".")[1],
-                      "fallback": [a.fallback_B, a.fallback_H], "slots": a.slots, "topk": a.topk,
+                      "fallback": [a.fallback_B, a.fallback_H], "slots": a.slots, "topk": a.topk, "check_T": a.check_T,
                       "decode": {"B": a.dB, "H": a.dH, "D": a.dD, "contexts": a.contexts,
                                  "state_dtype": str(a.state_dtype).split(".")[1]}},
            "unavailable": {}, "checks": {}, "rows": [], "decode": []}
@@ -381,7 +398,8 @@ def main(argv=None):
         if not a.no_check:
             try:
                 res["checks"][name] = check(*variants[name], a)
-                log(f"{name}: rel. error vs float32 reference at B=2,H=2,T=200: {res['checks'][name]:.2e}")
+                log(f"{name}: rel. error vs float32 reference at B={a.B},H={a.H},T={a.check_T}: "
+                    f"{res['checks'][name]:.2e}")
             except Exception as e:  # noqa: BLE001
                 res["checks"][name] = error_string(e)
                 log(f"{name}: check failed: {res['checks'][name]}")

@@ -26,19 +26,23 @@ def _fmt(r, key, ratio_key):
         return "OOM" if err.startswith("OOM") else ("skip" if err.startswith("skipped") else "err")
     s = f"{r[key]:.3g}" if r[key] < 100 else f"{r[key]:.0f}"
     if r.get(ratio_key) is not None and r["variant"] != "sdpa_flash":
-        s += f" ({r[ratio_key]:.2g}x)"
+        x = r[ratio_key]
+        s += f" ({x:.0f}x)" if x >= 100 else f" ({x:.2g}x)"
     return s
 
 
 def markdown(res) -> str:
     """Short tables: one row per (T, B, H), one column per variant; errors shown as OOM/skip/err (JSON has why)."""
-    variants = res["config"]["variants"]
+    measured = {r["variant"] for r in res["rows"]}
+    variants = [v for v in res["config"]["variants"] if v in measured]
     rows = {}
     for r in res["rows"]:
         rows.setdefault((r["T"], -r["B"], r["H"]), {})[r["variant"]] = r
     keys = sorted(rows)
     lines = [f"device: {res['device']} | torch {res['torch']} | triton {res['triton']} | fla {res['fla']} | "
              f"{res['date']} | commit {res['commit']} | {res['config']['dtype']}, D={res['config']['D']}", ""]
+    if res.get("unavailable"):
+        lines += ["not run: " + "; ".join(f"{k} ({v[:80]})" for k, v in res["unavailable"].items()), ""]
     tables = [("fwd+bwd time, ms (x SDPA flash at the same shape)", "fwdbwd_ms", "fwdbwd_x_sdpa"),
               ("forward time, ms (x SDPA flash)", "fwd_ms", "fwd_x_sdpa"),
               ("fwd+bwd peak memory above inputs, MiB (x SDPA flash)", "fwdbwd_mem_mib", "fwdbwd_mem_x_sdpa")]

@@ -58,29 +58,33 @@ def linear_attention_step_ref(q, k, v, S, z, eps: float = 1e-6, feature_map: str
     return y, S, z
 
 
+def causal_dot_chunked(q, k, v, chunk: int = 64):
+    """sum_{j <= t} (q_t . k_j) v_j for every t, chunk-wise in plain PyTorch: quadratic inside a chunk, a (d, dv)
+    state carried across chunks. q, k (..., T, d); v (..., T, dv). Memory O(T/C * d * dv), no T x T tensor.
+    Shared by linear attention (numerator and denominator) and MemSizer on the CPU / fallback path."""
+    T = q.shape[-2]
+    C = min(chunk, T)
+    pad = (-T) % C
+    if pad:  # zero keys/values add nothing; padded query rows are dropped below
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    N = q.shape[-2] // C
+    qc, kc, vc = (t.reshape(*t.shape[:-2], N, C, t.shape[-1]) for t in (q, k, v))
+    inner = (qc @ kc.transpose(-1, -2)).tril() @ vc        # causal inside each chunk
+    kv = kc.transpose(-1, -2) @ vc                          # (..., N, d, dv): each chunk's contribution
+    state = kv.cumsum(-3) - kv                              # the state before each chunk (exclusive prefix)
+    out = inner + qc @ state
+    return out.reshape(*out.shape[:-3], N * C, -1)[..., :T, :]
+
+
 def linear_attention_chunked_torch(q, k, v, causal: bool = True, eps: float = 1e-6,
                                    feature_map: str | None = "elu1", key_padding_mask=None, chunk: int = 64):
-    """The same function as ``linear_attention_ref`` computed chunk-wise in plain PyTorch: quadratic inside a chunk,
-    a (d, dv) state carried across chunks. This is the CPU / fallback path (10x faster than the cumsum form,
-    memory O(T/C * d * dv) instead of O(T * d * dv))."""
+    """The same function as ``linear_attention_ref`` computed chunk-wise (``causal_dot_chunked``): the CPU / fallback
+    path, 10x faster than the cumsum form at small T and without its O(T * d * dv) memory."""
     if not causal:
         return linear_attention_ref(q, k, v, False, eps, feature_map, key_padding_mask)
     q, k = feature(q, feature_map), feature(k, feature_map)
     if key_padding_mask is not None:
         k = k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-    B, H, T, d = q.shape
-    C = min(chunk, T)
-    pad = (-T) % C
-    if pad:  # zero keys/values add nothing; padded query rows are dropped below
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    N = q.shape[2] // C
-    qc, kc, vc = (t.reshape(B, H, N, C, t.shape[-1]) for t in (q, k, v))
-    A = (qc @ kc.transpose(-1, -2)).tril()                      # (B, H, N, C, C), causal inside the chunk
-    kv = kc.transpose(-1, -2) @ vc                              # (B, H, N, d, dv) per chunk
-    S_prev = kv.cumsum(2) - kv                                  # state before each chunk (exclusive prefix)
-    z = kc.sum(3)
-    z_prev = z.cumsum(2) - z
-    num = A @ vc + qc @ S_prev
-    den = A.sum(-1) + (qc * z_prev.unsqueeze(3)).sum(-1)
-    y = num / (den.unsqueeze(-1) + eps)
-    return y.reshape(B, H, N * C, -1)[:, :, :T]
+    ones = v.new_ones(*v.shape[:-1], 1)  # the denominator phi(q).z_t is the numerator's sum with v = 1
+    out = causal_dot_chunked(q, k, torch.cat([v, ones], -1), chunk)
+    return out[..., :-1] / (out[..., -1:] + eps)

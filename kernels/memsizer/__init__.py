@@ -1,0 +1,23 @@
+"""MemSizer op: the parallel (causal / bidirectional) read-out and its one-step recurrent form, with dispatch."""
+from __future__ import annotations
+
+from .. import use_triton
+from .reference import memsizer_chunked_torch, memsizer_ref, memsizer_step_ref
+
+
+def memsizer(p, a, v, causal: bool, key_padding_mask=None, backend: str = "auto"):
+    if use_triton(backend, p, a, v):
+        from .function import memsizer_triton
+        return memsizer_triton(p, a, v, causal, key_padding_mask=key_padding_mask)
+    # the chunked form of the reference: the same function, much faster than its (B, T, k, d) prefix sum
+    return memsizer_chunked_torch(p, a, v, causal, key_padding_mask=key_padding_mask)
+
+
+def memsizer_step(p, a, v, S, count, write=None, backend: str = "auto"):
+    if use_triton(backend, p, a, v):
+        from .recurrent import memsizer_step_triton
+        return memsizer_step_triton(p, a, v, S, count, write=write)
+    return memsizer_step_ref(p, a, v, S, count, write=write)
+
+
+__all__ = ["memsizer", "memsizer_step", "memsizer_ref", "memsizer_chunked_torch", "memsizer_step_ref"]
