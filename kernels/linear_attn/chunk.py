@@ -1,0 +1,479 @@
+"""Chunked linear-attention kernels (Triton), shared by linear attention and MemSizer.
+
+For one (batch, head) with features Q = phi(q), K = phi(k) (padded keys zeroed) and values V:
+
+    num_t = sum_{j<=t} (Q_t . K_j) V_j        den_t = sum_{j<=t} Q_t . K_j        (all j when not causal)
+    y_t   = r_t num_t                           r_t = 1 / (den_t + eps)   (NORM)   or a given row scale / 1
+
+The denominator is the same sum with a column of ones as the value, so it rides along as a row sum of the score
+tile plus Q_t . z with z = sum_j K_j: no extra pass. A program owns one (batch, head, dv-tile) and a contiguous
+run of chunks of BT rows; inside a chunk the product is quadratic, across chunks it goes through the state
+S = sum K_j V_j^T (d x BV) and z, carried in registers in float32. A program's run starts from a given state:
+bidirectional, the total over all keys; causal, the prefix over the earlier runs (when the sequence is split
+over several programs for parallelism; each split's own sum comes from _state_kernel). Backward, with
+dnum = r dy and dden = -r (dy . y):
+
+    dQ_t = sum_{j<=t} (dnum_t . V_j + dden_t) K_j     a forward scan with the same S, z
+    dK_j = sum_{t>=j} (dnum_t . V_j + dden_t) Q_t     a reverse scan with R = sum Q_t dnum_t^T, w = sum dden_t Q_t
+    dV_j = sum_{t>=j} (Q_t . K_j) dnum_t
+
+(the query-side kernel also sums each run's R, w, from which the key-side runs get their starting suffix).
+Nothing of size T x T or T x d x dv is stored; the backward recomputes features, scores and scan states.
+dv is tiled (BV); dq/dk of several dv-tiles are float32 partials summed afterwards. Dot operands are bf16 for
+bf16 inputs and float32 otherwise (tf32 for fp16, whose range is too small for the long-context state and for
+dnum ~ 1/t; exact fp32 for fp32 inputs); accumulation is always float32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Picked on an H100 by bench/check_kernels_gpu.py (numbers in kernels/NOTES.md). BV: the dv-tile, at least "BV"
+# and up to "state" / BK (a narrow d, MemSizer's k slots, gets a wider tile, so fewer dq/dk partials). Causal runs:
+# a sequence of at least "run_min_chunks" chunks is split into runs until about "programs" programs are in flight
+# (10% faster for linear attention and 35% for MemSizer at T=16384; at T=1024 the extra launch and state pass cost
+# more than they save), with "run_bwd_warps" warps in the backward. stages=1 crashed (illegal address) on Triton 3.6.
+CONFIG = {"BT": 64, "BV": 64, "state": 4096, "fwd_warps": 4, "bwd_warps": 8, "stages": 2,
+          "programs": 2112, "run_min_chunks": 128, "run_bwd_warps": 4}
+
+
+@triton.jit
+def _cast(x, LOWP: tl.constexpr):
+    """Dot operand: bf16 (LOWP=1), float32 (0), or bf16-rounded float32 (2: the interpreter, whose dot on bf16
+    multiplies the raw bits)."""
+    if LOWP == 1:
+        y = x.to(tl.bfloat16)
+    elif LOWP == 2:
+        y = x.to(tl.bfloat16).to(tl.float32)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _feat(x, m, ELU1: tl.constexpr):
+    """phi(x) on a float32 tile, 0 where m is False (padded rows/columns must add nothing; elu1(0) = 1 would)."""
+    if ELU1:
+        x = tl.where(x > 0, x + 1.0, tl.exp(x))
+    return tl.where(m, x, 0.0)
+
+
+@triton.jit
+def _dfeat(g, x, ELU1: tl.constexpr):
+    """g * phi'(x): elu + 1 has slope 1 for x > 0 and exp(x) below; no feature map, slope 1."""
+    if ELU1:
+        g = g * tl.where(x > 0, 1.0, tl.exp(x))
+    return g
+
+
+@triton.jit
+def _lt(idx, N: tl.constexpr, BN: tl.constexpr):
+    """idx < N for a tile index of size BN; a constant when tiles divide N, so full tiles carry no column mask."""
+    if N % BN == 0:
+        m = tl.full([BN], 1, tl.int1)
+    else:
+        m = idx < N
+    return m
+
+
+@triton.jit
+def _keep(M, b, smb, rows, T, HAS_MASK: tl.constexpr):
+    """True for real key rows: inside the sequence and not padding."""
+    keep = rows < T
+    if HAS_MASK:
+        pad = tl.load(M + b * smb + rows, mask=rows < T, other=1)
+        keep = keep & (pad == 0)
+    return keep
+
+
+@triton.jit
+def _run(T, BT: tl.constexpr):
+    """This program's run of chunks [c0, c1): program axis 2 splits the chunks into equal runs."""
+    NC = tl.cdiv(T, BT)
+    per = tl.cdiv(NC, tl.num_programs(2))
+    c0 = tl.program_id(2) * per
+    return c0, tl.minimum(c0 + per, NC)
+
+
+@triton.jit
+def _state_kernel(K, V, M, SO, ZO, T, H, skb, skh, skt, svb, svh, svt, smb,
+                  DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  ELU1: tl.constexpr, HAS_MASK: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+    """S = sum_j K_j V_j^T and z = sum_j K_j over this program's run of keys (float32, to SO/ZO[split])."""
+    pid_v, bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    c0, c1 = _run(T, BT)
+    ck, cv, ti = tl.arange(0, BK), pid_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    mkc, mvc = _lt(ck, DK, BK), _lt(cv, DV, BV)
+    K += b.to(tl.int64) * skb + h * skh
+    V += b.to(tl.int64) * svb + h * svh
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    for c in range(c0, c1):
+        cb = c * BT  # offsets inside one (b, h) slice are int32 (the launcher checks they fit)
+        rows = c * BT + ti
+        keep = _keep(M, b, smb, rows, T, HAS_MASK)
+        mT = mkc[:, None] & keep[None, :]
+        kT = _cast(_feat(tl.load(K + cb * skt + ti[None, :] * skt + ck[:, None], mask=mT, other=0.0)
+                         .to(tl.float32), mT, ELU1), LOWP)  # z from the rounded features too, as in _fwd_kernel
+        v = tl.load(V + cb * svt + ti[:, None] * svt + cv[None, :], mask=(rows[:, None] < T) & mvc[None, :],
+                    other=0.0)
+        S += tl.dot(kT, _cast(v, LOWP), input_precision=PREC)
+        z += tl.sum(kT.to(tl.float32), 1)
+    base = (pid_s * tl.num_programs(1) + bh).to(tl.int64)
+    tl.store(SO + base * DK * DV + ck[:, None] * DV + cv[None, :], S, mask=mkc[:, None] & mvc[None, :])
+    if pid_v == 0:
+        tl.store(ZO + base * DK + ck, z, mask=mkc)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, S0, Z0, R, M, T, H, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb,
+                s0s, z0s, eps,
+                DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_S0: tl.constexpr, ELU1: tl.constexpr, NORM: tl.constexpr,
+                SCALE: tl.constexpr, HAS_MASK: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+    """y over this program's run of query chunks, starting from S0/Z0[split] (stride s0s/z0s) when HAS_S0.
+    NORM: writes r = 1/(den + eps) to R (float32, (B*H, T)) for the backward; SCALE: reads a row scale from R."""
+    pid_v, bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    c0, c1 = _run(T, BT)
+    ck, cv, ti = tl.arange(0, BK), pid_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    mkc, mvc = _lt(ck, DK, BK), _lt(cv, DV, BV)
+    Q += b.to(tl.int64) * sqb + h * sqh
+    K += b.to(tl.int64) * skb + h * skh
+    V += b.to(tl.int64) * svb + h * svh
+    O += b.to(tl.int64) * sob + h * soh
+    R += bh.to(tl.int64) * T
+    if HAS_S0:
+        S = tl.load(S0 + pid_s * s0s + bh.to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :],
+                    mask=mkc[:, None] & mvc[None, :], other=0.0)
+        z = tl.load(Z0 + pid_s * z0s + bh.to(tl.int64) * DK + ck, mask=mkc, other=0.0)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        z = tl.zeros([BK], dtype=tl.float32)
+    for c in range(c0, c1):
+        cb = c * BT  # offsets inside one (b, h) slice are int32 (the launcher checks they fit)
+        rows = c * BT + ti
+        rmask = rows < T
+        mq = rmask[:, None] & mkc[None, :]
+        q = _feat(tl.load(Q + cb * sqt + ti[:, None] * sqt + ck[None, :], mask=mq, other=0.0).to(tl.float32),
+                  mq, ELU1)
+        qc = _cast(q, LOWP)
+        num = tl.dot(qc, _cast(S, LOWP), input_precision=PREC)
+        if NORM:
+            den = tl.sum(qc.to(tl.float32) * z[None, :], 1)
+        if CAUSAL:
+            keep = _keep(M, b, smb, rows, T, HAS_MASK)
+            mT = mkc[:, None] & keep[None, :]
+            kT = _cast(_feat(tl.load(K + cb * skt + ti[None, :] * skt + ck[:, None], mask=mT, other=0.0)
+                             .to(tl.float32), mT, ELU1), LOWP)
+            v = _cast(tl.load(V + cb * svt + ti[:, None] * svt + cv[None, :],
+                              mask=rmask[:, None] & mvc[None, :], other=0.0), LOWP)
+            A = tl.dot(qc, kT, input_precision=PREC)
+            A = _cast(tl.where(rows[:, None] >= rows[None, :], A, 0.0), LOWP)
+            num += tl.dot(A, v, input_precision=PREC)
+            if NORM:  # the rounded scores, as in num: rounding them then mostly cancels in num / den
+                den += tl.sum(A.to(tl.float32), 1)
+            S += tl.dot(kT, v, input_precision=PREC)
+            z += tl.sum(kT.to(tl.float32), 1)
+        if NORM:
+            r = 1.0 / (den + eps)
+            num = num * r[:, None]
+            if pid_v == 0:
+                tl.store(R + rows, r, mask=rmask)
+        elif SCALE:
+            num = num * tl.load(R + rows, mask=rmask, other=0.0)[:, None]
+        tl.store(O + cb * sot + ti[:, None] * sot + cv[None, :], num.to(O.dtype.element_ty),
+                 mask=rmask[:, None] & mvc[None, :])
+
+
+@triton.jit
+def _bwd_q_kernel(Q, K, V, O, DO, DQ, S0, Z0, R, DD, RO, WO, M, T, H,
+                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdb, sdh, sdt, sgv, sgb, sgh, sgt, smb,
+                  s0s, z0s,
+                  DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_S0: tl.constexpr, ACC_R: tl.constexpr, ELU1: tl.constexpr,
+                  NORM: tl.constexpr, SCALE: tl.constexpr, DDEN_INLINE: tl.constexpr, HAS_MASK: tl.constexpr,
+                  LOWP: tl.constexpr, PREC: tl.constexpr):
+    """dq over this program's run of query chunks (dv-tile partial at DQ + pid_v * sgv). NORM: dden = -r (dy . y)
+    is computed here from the full row when one dv-tile covers dv (DDEN_INLINE; stored to DD for the key side),
+    else read from DD. ACC_R: also sums this run's R = sum Q^T dnum and w = sum dden Q (to RO, WO[split])."""
+    pid_v, bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    c0, c1 = _run(T, BT)
+    ck, cv, ti = tl.arange(0, BK), pid_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    mkc, mvc = _lt(ck, DK, BK), _lt(cv, DV, BV)
+    Q += b.to(tl.int64) * sqb + h * sqh
+    K += b.to(tl.int64) * skb + h * skh
+    V += b.to(tl.int64) * svb + h * svh
+    O += b.to(tl.int64) * sob + h * soh
+    DO += b.to(tl.int64) * sdb + h * sdh
+    DQ += pid_v.to(tl.int64) * sgv + b.to(tl.int64) * sgb + h * sgh
+    R += bh.to(tl.int64) * T
+    DD += bh.to(tl.int64) * T
+    first = pid_v == 0  # the dden terms do not depend on the dv-tile: one tile adds them
+    if HAS_S0:
+        St = tl.load(S0 + pid_s * s0s + bh.to(tl.int64) * DK * DV + ck[None, :] * DV + cv[:, None],
+                     mask=mkc[None, :] & mvc[:, None], other=0.0)
+        z = tl.load(Z0 + pid_s * z0s + bh.to(tl.int64) * DK + ck, mask=mkc, other=0.0)
+    else:
+        St = tl.zeros([BV, BK], dtype=tl.float32)
+        z = tl.zeros([BK], dtype=tl.float32)
+    if ACC_R:
+        Racc = tl.zeros([BK, BV], dtype=tl.float32)
+        wacc = tl.zeros([BK], dtype=tl.float32)
+    for c in range(c0, c1):
+        cb = c * BT  # offsets inside one (b, h) slice are int32 (the launcher checks they fit)
+        rows = c * BT + ti
+        rmask = rows < T
+        mv = rmask[:, None] & mvc[None, :]
+        do = tl.load(DO + cb * sdt + ti[:, None] * sdt + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+        if NORM or SCALE:
+            r = tl.load(R + rows, mask=rmask, other=0.0)
+            dnum = do * r[:, None]
+        else:
+            dnum = do
+        if NORM:
+            if DDEN_INLINE:
+                y = tl.load(O + cb * sot + ti[:, None] * sot + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+                dden = -r * tl.sum(do * y, 1)
+                tl.store(DD + rows, dden, mask=rmask)
+            else:
+                dden = tl.load(DD + rows, mask=rmask, other=0.0)
+            dden = tl.where(first, dden, 0.0)
+        dnc = _cast(dnum, LOWP)
+        dq = tl.dot(dnc, _cast(St, LOWP), input_precision=PREC)
+        if NORM:
+            dq += dden[:, None] * z[None, :]
+        mq = rmask[:, None] & mkc[None, :]
+        qraw = tl.load(Q + cb * sqt + ti[:, None] * sqt + ck[None, :], mask=mq, other=0.0).to(tl.float32)
+        if CAUSAL:
+            keep = _keep(M, b, smb, rows, T, HAS_MASK)
+            mk = keep[:, None] & mkc[None, :]
+            kc = _cast(_feat(tl.load(K + cb * skt + ti[:, None] * skt + ck[None, :], mask=mk, other=0.0)
+                             .to(tl.float32), mk, ELU1), LOWP)
+            vT = _cast(tl.load(V + cb * svt + ti[None, :] * svt + cv[:, None],
+                               mask=rmask[None, :] & mvc[:, None], other=0.0), LOWP)
+            G = tl.dot(dnc, vT, input_precision=PREC)
+            if NORM:
+                G += dden[:, None]
+            G = tl.where(rows[:, None] >= rows[None, :], G, 0.0)
+            dq += tl.dot(_cast(G, LOWP), kc, input_precision=PREC)
+            St += tl.dot(vT, kc, input_precision=PREC)
+            z += tl.sum(kc.to(tl.float32), 0)
+        if ACC_R:
+            qT = _cast(tl.trans(_feat(qraw, mq, ELU1)), LOWP)
+            Racc += tl.dot(qT, dnc, input_precision=PREC)
+            if NORM:
+                wacc += tl.sum(qT.to(tl.float32) * dden[None, :], 1)
+        dq = _dfeat(dq, qraw, ELU1)
+        tl.store(DQ + cb * sgt + ti[:, None] * sgt + ck[None, :], dq.to(DQ.dtype.element_ty), mask=mq)
+    if ACC_R:
+        base = (pid_s * tl.num_programs(1) + bh).to(tl.int64)
+        tl.store(RO + base * DK * DV + ck[:, None] * DV + cv[None, :], Racc,
+                 mask=mkc[:, None] & mvc[None, :])
+        if first:
+            tl.store(WO + base * DK + ck, wacc, mask=mkc)
+
+
+@triton.jit
+def _bwd_kv_kernel(Q, K, V, DO, DK_, DV_, R0, W0, R, DD, M, T, TQ, H,
+                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgv, sgb, sgh, sgt, sub, suh, sut, smb,
+                   r0s, w0s,
+                   DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_R0: tl.constexpr, ELU1: tl.constexpr, NORM: tl.constexpr,
+                   SCALE: tl.constexpr, HAS_MASK: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+    """dk (dv-tile partial) and dv over this program's run of key chunks, last chunk first, carrying
+    R = sum_{t>=j} Q_t dnum_t^T and w = sum_{t>=j} dden_t Q_t from R0/W0[split] (the later runs, or everything
+    when bidirectional) when HAS_R0."""
+    pid_v, bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    c0, c1 = _run(T, BT)
+    ck, cv, ti = tl.arange(0, BK), pid_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    mkc, mvc = _lt(ck, DK, BK), _lt(cv, DV, BV)
+    Q += b.to(tl.int64) * sqb + h * sqh
+    K += b.to(tl.int64) * skb + h * skh
+    V += b.to(tl.int64) * svb + h * svh
+    DO += b.to(tl.int64) * sdb + h * sdh
+    DK_ += pid_v.to(tl.int64) * sgv + b.to(tl.int64) * sgb + h * sgh
+    DV_ += b.to(tl.int64) * sub + h * suh
+    R += bh.to(tl.int64) * TQ
+    DD += bh.to(tl.int64) * TQ
+    first = pid_v == 0
+    if HAS_R0:
+        Rs = tl.load(R0 + pid_s * r0s + bh.to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :],
+                     mask=mkc[:, None] & mvc[None, :], other=0.0)
+        w = tl.load(W0 + pid_s * w0s + bh.to(tl.int64) * DK + ck, mask=mkc, other=0.0)
+        w = tl.where(first, w, 0.0)
+    else:
+        Rs = tl.zeros([BK, BV], dtype=tl.float32)
+        w = tl.zeros([BK], dtype=tl.float32)
+    for i in range(c0, c1):
+        c = c1 - 1 - (i - c0)  # reverse order: the causal state sums the queries at and after this chunk
+        cb = c * BT  # offsets inside one (b, h) slice are int32 (the launcher checks they fit)
+        rows = c * BT + ti
+        rmask = rows < T
+        keep = _keep(M, b, smb, rows, T, HAS_MASK)
+        mk = keep[:, None] & mkc[None, :]
+        kraw = tl.load(K + cb * skt + ti[:, None] * skt + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+        kc = _cast(_feat(kraw, mk, ELU1), LOWP)
+        mv = rmask[:, None] & mvc[None, :]
+        vc = _cast(tl.load(V + cb * svt + ti[:, None] * svt + cv[None, :], mask=mv, other=0.0), LOWP)
+        dk = tl.dot(vc, _cast(tl.trans(Rs), LOWP), input_precision=PREC) + w[None, :]
+        dv = tl.dot(kc, _cast(Rs, LOWP), input_precision=PREC)
+        if CAUSAL:
+            mq = rmask[:, None] & mkc[None, :]
+            qc = _cast(_feat(tl.load(Q + cb * sqt + ti[:, None] * sqt + ck[None, :], mask=mq, other=0.0)
+                             .to(tl.float32), mq, ELU1), LOWP)
+            do = tl.load(DO + cb * sdt + ti[:, None] * sdt + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+            if NORM or SCALE:
+                r = tl.load(R + rows, mask=rmask, other=0.0)
+                do = do * r[:, None]
+            dnc = _cast(do, LOWP)
+            tri = rows[:, None] <= rows[None, :]  # key j (row) sees query t (column) when j <= t
+            At = tl.where(tri, tl.dot(kc, tl.trans(qc), input_precision=PREC), 0.0)
+            Gt = tl.dot(vc, tl.trans(dnc), input_precision=PREC)
+            if NORM:
+                dden = tl.where(first, tl.load(DD + rows, mask=rmask, other=0.0), 0.0)
+                Gt += dden[None, :]
+                w += tl.sum(qc.to(tl.float32) * dden[:, None], 0)
+            Gt = tl.where(tri, Gt, 0.0)
+            dk += tl.dot(_cast(Gt, LOWP), qc, input_precision=PREC)
+            dv += tl.dot(_cast(At, LOWP), dnc, input_precision=PREC)
+            Rs += tl.dot(tl.trans(qc), dnc, input_precision=PREC)
+        dk = tl.where(mk, _dfeat(dk, kraw, ELU1), 0.0)
+        tl.store(DK_ + cb * sgt + ti[:, None] * sgt + ck[None, :], dk.to(DK_.dtype.element_ty),
+                 mask=rmask[:, None] & mkc[None, :])
+        tl.store(DV_ + cb * sut + ti[:, None] * sut + cv[None, :], dv.to(DV_.dtype.element_ty), mask=mv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers. q, k: (B, H, T|S, d) and v: (B, H, S, dv), any strides with a unit last stride.
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bhtd_empty(B, H, T, d, like):
+    """(B, H, T, d) view of a (B, T, H, d) buffer: the layout split_heads makes, so merge_heads is free."""
+    return torch.empty(B, T, H, d, device=like.device, dtype=like.dtype).transpose(1, 2)
+
+
+def _meta(q, k, v, mask):
+    B, H, T, DK = q.shape
+    S, DV = k.shape[2], v.shape[3]
+    if DK > 256:
+        raise ValueError(f"linear attention kernel: head dim d={DK} > 256 is not supported; use backend='torch'")
+    lowp = 0 if q.dtype != torch.bfloat16 else (1 if q.is_cuda else 2)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    BK = max(16, triton.next_power_of_2(DK))
+    BV = min(max(16, triton.next_power_of_2(DV)), max(CONFIG["BV"], CONFIG["state"] // BK))
+    if max(T, S) * max(q.stride(2), k.stride(2), v.stride(2), H * max(DK, DV)) >= 2 ** 31:
+        raise ValueError(f"linear attention kernel: sequence too long for int32 offsets (T={T}, S={S}); split it")
+    m = mask.view(torch.uint8) if mask is not None else q  # dummy pointer when there is no mask
+    smb = mask.stride(0) if mask is not None else 0
+    common = dict(DK=DK, DV=DV, BT=CONFIG["BT"], BK=BK, BV=BV, HAS_MASK=mask is not None, LOWP=lowp, PREC=prec)
+    return B, H, T, S, DK, DV, triton.cdiv(DV, BV), m, smb, common
+
+
+def _launch(kind, run=False):
+    """Launch options: warps, pipeline stages, and a register cap only when CONFIG sets one."""
+    opts = dict(num_warps=CONFIG["run_bwd_warps" if run and kind == "bwd" else kind + "_warps"],
+                num_stages=CONFIG["stages"])
+    if CONFIG.get("maxnreg"):
+        opts["maxnreg"] = CONFIG["maxnreg"]
+    return opts
+
+
+def _splits(B, H, NV, n_rows, causal):
+    """Runs per (b, h, dv-tile): enough programs to fill the GPU. Bidirectional runs cost nothing extra (partial
+    sums); causal ones need a pass over k, v for the run states, so only long sequences are split."""
+    chunks = triton.cdiv(n_rows, CONFIG["BT"])
+    if causal and chunks < CONFIG["run_min_chunks"]:
+        return 1
+    target = CONFIG["programs"] if causal else 4 * 132
+    return max(1, min(chunks, triton.cdiv(target, B * H * NV)))
+
+
+def _prefix(x):
+    """Exclusive prefix sum over the runs (dim 0): the state each run starts from. Not cumsum - x: one huge run
+    (a row whose keys are all padding has r = 1/eps) would wipe out the others' digits in the subtraction."""
+    return torch.cat([torch.zeros_like(x[:1]), x[:-1].cumsum(0)])
+
+
+def _suffix(x):
+    """Exclusive suffix sum over the runs: the reverse scan's starting state."""
+    return torch.cat([x[1:].flip(0).cumsum(0).flip(0), torch.zeros_like(x[:1])])
+
+
+def chunk_fwd(q, k, v, *, causal, elu1, norm, eps=1e-6, scale=None, mask=None):
+    """Returns (o, r, S0, z0): o (B, H, T, dv) in q's dtype; r (B*H, T) float32 = 1/(den+eps) when norm (else the
+    given scale, or None); S0, z0 (runs, B*H, d, dv) / (runs, B*H, d) float32 the states each run starts from
+    (bidirectional: one, the total; causal without runs: None), saved for the backward."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, T, S, DK, DV, NV, m, smb, common = _meta(q, k, v, mask)
+    dev, f32 = q.device, torch.float32
+    o = _bhtd_empty(B, H, T, DV, q)
+    r = torch.empty(B * H, T, device=dev, dtype=f32) if norm else scale
+    ns = _splits(B, H, NV, T, causal)
+    S0 = z0 = None
+    if not causal or ns > 1:
+        nk = ns if causal else _splits(B, H, NV, S, False)
+        Sp = torch.empty(nk, B * H, DK, DV, device=dev, dtype=f32)
+        zp = torch.empty(nk, B * H, DK, device=dev, dtype=f32)
+        _state_kernel[(NV, B * H, nk)](k, v, m, Sp, zp, S, H, *k.stride()[:3], *v.stride()[:3], smb,
+                                       ELU1=elu1, **common, **_launch("fwd"))
+        S0, z0 = (_prefix(Sp), _prefix(zp)) if causal else (Sp.sum(0, keepdim=True), zp.sum(0, keepdim=True))
+    run = S0 is not None and S0.shape[0] > 1  # per-run start states; else one shared (or none)
+    _fwd_kernel[(NV, B * H, ns)](q, k, v, o, q if S0 is None else S0, q if z0 is None else z0,
+                                 q if r is None else r, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                 *o.stride()[:3], smb, S0.stride(0) if run else 0, z0.stride(0) if run else 0, eps,
+                                 CAUSAL=causal, HAS_S0=S0 is not None, ELU1=elu1, NORM=norm, SCALE=scale is not None,
+                                 **common, **_launch("fwd"))
+    return o, r, S0, z0
+
+
+def chunk_bwd(q, k, v, o, do, r, S0, z0, *, causal, elu1, norm, scale=False, mask=None):
+    """Gradients (dq, dk, dv) of chunk_fwd's o, given what it returned. ``scale``: r is a given row scale."""
+    q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
+    B, H, T, S, DK, DV, NV, m, smb, common = _meta(q, k, v, mask)
+    dev, f32 = q.device, torch.float32
+    # dq / dk: straight into q/k-shaped tensors when one dv-tile covers dv, else float32 partials per tile
+    dq = torch.empty_like(q) if NV == 1 else torch.empty(NV, B, H, T, DK, device=dev, dtype=f32)
+    dk = torch.empty_like(k) if NV == 1 else torch.empty(NV, B, H, S, DK, device=dev, dtype=f32)
+    dv = torch.empty_like(v)
+    gq = (0, *dq.stride()[:3]) if NV == 1 else dq.stride()[:4]
+    gk = (0, *dk.stride()[:3]) if NV == 1 else dk.stride()[:4]
+    dd = torch.empty(B * H, T, device=dev, dtype=f32) if norm else q  # dden = -r (dy . y)
+    inline = norm and NV == 1
+    if norm and not inline:  # several dv-tiles: the row dot product needs the whole row, so do it here
+        dd.copy_((-(r.view(B, H, T) * (do.float() * o.float()).sum(-1))).reshape(B * H, T))
+    # runs: causal must reuse the forward's (S0 holds their start states); bidirectional picks its own
+    ns_q = (S0.shape[0] if S0 is not None else 1) if causal else _splits(B, H, NV, T, False)
+    run = causal and ns_q > 1
+    acc_r = not causal or run
+    Rp = Wp = q
+    if acc_r:
+        Rp = torch.empty(ns_q, B * H, DK, DV, device=dev, dtype=f32)
+        Wp = torch.zeros(ns_q, B * H, DK, device=dev, dtype=f32)  # zeros: without NORM nothing is written
+    rr = r if r is not None else q
+    o_ = o if o is not None else q
+    _bwd_q_kernel[(NV, B * H, ns_q)](q, k, v, o_, do, dq, q if S0 is None else S0, q if z0 is None else z0,
+                                     rr, dd, Rp, Wp, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                     *o_.stride()[:3], *do.stride()[:3], *gq, smb,
+                                     S0.stride(0) if run else 0, z0.stride(0) if run else 0,
+                                     CAUSAL=causal, HAS_S0=S0 is not None, ACC_R=acc_r, ELU1=elu1, NORM=norm,
+                                     SCALE=scale, DDEN_INLINE=inline, **common, **_launch("bwd", run))
+    R0 = W0 = q
+    if acc_r:
+        R0, W0 = (_suffix(Rp), _suffix(Wp)) if causal else (Rp.sum(0, keepdim=True), Wp.sum(0, keepdim=True))
+    ns_k = ns_q if causal else _splits(B, H, NV, S, False)
+    _bwd_kv_kernel[(NV, B * H, ns_k)](q, k, v, do, dk, dv, R0, W0, rr, dd, m, S, T, H, *q.stride()[:3],
+                                      *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gk, *dv.stride()[:3], smb,
+                                      R0.stride(0) if run else 0, W0.stride(0) if run else 0,
+                                      CAUSAL=causal, HAS_R0=acc_r, ELU1=elu1, NORM=norm, SCALE=scale, **common,
+                                      **_launch("bwd", run))
+    if NV > 1:
+        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
+    return dq, dk, dv

@@ -1,0 +1,58 @@
+"""MemSizer read-out through the linear-attention chunk kernels (kernels/linear_attn/chunk.py), with autograd.
+
+memsizer_ref is linear attention with one head, no feature map and no z-normalizer: y_t = r_t sum_j (p_t . a_j) v_j
+with the row scale r_t = c_t^{-1/2} (c_t the non-pad keys seen, clamped to >= 1). The scale depends only on the
+padding mask, so it is computed here (B*T floats) and the kernels multiply each row by it."""
+from __future__ import annotations
+
+import torch
+
+from ..linear_attn.chunk import chunk_bwd, chunk_fwd
+from .reference import _check, memsizer_ref
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def row_scale(B, T, S, causal, key_padding_mask, device):
+    """(B, T) float32: c_t^{-1/2} with c_t = non-pad keys j <= t (causal) or all non-pad keys, clamped to >= 1."""
+    if key_padding_mask is None:
+        c = torch.arange(1, T + 1, device=device, dtype=torch.float32).expand(B, T) if causal else \
+            torch.full((B, T), float(S), device=device)
+    else:
+        keep = (~key_padding_mask).to(torch.float32)
+        c = keep.cumsum(1) if causal else keep.sum(1, keepdim=True).expand(B, T)
+    return c.clamp_min(1.0).rsqrt().contiguous()
+
+
+class MemSizerFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, a, v, mask, causal):
+        B, T, _ = p.shape
+        r = row_scale(B, T, a.shape[1], causal, mask, p.device)
+        q4, k4, v4 = p.unsqueeze(1), a.unsqueeze(1), v.unsqueeze(1)  # one "head"
+        o, _, S0, z0 = chunk_fwd(q4, k4, v4, causal=causal, elu1=False, norm=False, scale=r, mask=mask)
+        ctx.save_for_backward(p, a, v, r, S0, z0, mask)
+        ctx.causal = causal
+        return o.squeeze(1)
+
+    @staticmethod
+    def backward(ctx, do):
+        p, a, v, r, S0, z0, mask = ctx.saved_tensors
+        dq, dk, dv = chunk_bwd(p.unsqueeze(1), a.unsqueeze(1), v.unsqueeze(1), None, do.unsqueeze(1), r, S0, z0,
+                               causal=ctx.causal, elu1=False, norm=False, scale=True, mask=mask)
+        return dq.squeeze(1), dk.squeeze(1), dv.squeeze(1), None, None
+
+
+def memsizer_triton(p, a, v, causal: bool, key_padding_mask=None):
+    """Same function as ``memsizer_ref``: p (B, T, k), a (B, S, k), v (B, S, d) -> (B, T, d) in p's dtype.
+    float64 runs the reference (Triton has no fast fp64 matrix product)."""
+    _check(p, a, v, causal, key_padding_mask)
+    if not (p.dtype == a.dtype == v.dtype):
+        raise ValueError(f"memsizer_triton: p, a, v must share one dtype; got {p.dtype}, {a.dtype}, {v.dtype}")
+    if p.shape[1] == 0 or a.shape[1] == 0:
+        raise ValueError(f"memsizer_triton: empty sequence (T={p.shape[1]}, S={a.shape[1]})")
+    if p.dtype == torch.float64:
+        return memsizer_ref(p, a, v, causal, key_padding_mask=key_padding_mask)
+    if p.dtype not in DTYPES:
+        raise TypeError(f"memsizer_triton: dtype {p.dtype} is not supported; use float32, bfloat16 or float16")
+    return MemSizerFn.apply(p, a, v, key_padding_mask, bool(causal))

@@ -1,0 +1,179 @@
+"""Linear-attention Triton kernels against the float64 reference, run on the CPU by Triton's interpreter.
+
+TRITON_INTERPRET=1 must hold when Triton is imported and when @triton.jit runs (that is when it picks the
+interpreter), so it is set here first; if Triton was imported earlier without it, this file reruns in a fresh
+process."""
+import os
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytest.importorskip("numpy")
+
+import triton.language.standard  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+# Triton decorates its own library when it is first imported: if something imported it before the variable was set,
+# the interpreter cannot run in this process, so this file runs in a fresh one instead (one test, below).
+STALE = not isinstance(triton.language.standard.sum, InterpretedFunction)
+
+import kernels.linear_attn.chunk as chunk  # noqa: E402
+import kernels.linear_attn.function as function  # noqa: E402
+import kernels.linear_attn.recurrent as recurrent  # noqa: E402
+from kernels.linear_attn.reference import linear_attention_ref, linear_attention_step_ref  # noqa: E402
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every float buffer the kernels allocate starts as NaN, so an element they fail to write shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def padding(B, S, g):
+    m = torch.rand(B, S, generator=g) < 0.3
+    m[0] = False
+    m[-1, 0] = True  # a row whose first keys are padding: den = 0 there, r = 1/eps
+    return m
+
+
+# (causal, B, H, T, S, d, dv, dtype, mask, causal runs per sequence (CONFIG["programs"]))
+CASES = [
+    (True, 2, 2, 63, 63, 8, 24, torch.float32, True, 0),
+    (True, 1, 2, 129, 129, 16, 40, torch.bfloat16, True, 0),
+    (True, 2, 1, 129, 129, 8, 16, torch.float32, True, 64),     # split into runs: prefix / suffix states
+    (True, 2, 1, 65, 65, 64, 80, torch.float32, True, 0),       # two dv-tiles: dq/dk partials, dden outside
+    (True, 2, 1, 1, 1, 4, 4, torch.float16, False, 0),
+    (False, 2, 2, 63, 129, 8, 24, torch.bfloat16, True, 0),
+    (False, 1, 1, 1, 63, 16, 16, torch.float32, False, 0),
+    (False, 2, 1, 40, 70, 64, 80, torch.float16, True, 0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'causal' if c[0] else 'bidir'}-T{c[3]}-S{c[4]}-d{c[5]}-"
+                         f"dv{c[6]}-{str(c[7])[6:]}{'-mask' if c[8] else ''}{'-runs' if c[9] else ''}")
+def test_linear_attention_matches_reference(case, poison, monkeypatch):
+    causal, B, H, T, S, d, dv, dt, use_mask, programs = case
+    monkeypatch.setitem(chunk.CONFIG, "programs", programs)
+    monkeypatch.setitem(chunk.CONFIG, "run_min_chunks", 0 if programs else 10 ** 9)  # runs only when asked
+    g = torch.Generator().manual_seed(T * 31 + d)
+    q, k = torch.randn(B, H, T, d, generator=g), torch.randn(B, H, S, d, generator=g)
+    v, dy = torch.randn(B, H, S, dv, generator=g), torch.randn(B, H, T, dv, generator=g)
+    mask = padding(B, S, g) if use_mask else None
+    xs = [x.to(dt).requires_grad_() for x in (q, k, v)]
+    y = function.linear_attention_triton(*xs, causal=causal, key_padding_mask=mask)
+    grads = torch.autograd.grad(y, xs, dy.to(dt))
+    x64 = [x.detach().double().requires_grad_() for x in xs]
+    y64 = linear_attention_ref(*x64, causal=causal, key_padding_mask=mask)
+    g64 = torch.autograd.grad(y64, x64, dy.to(dt).double())
+    assert y.dtype == dt and y.shape == (B, H, T, dv)
+    assert rel(y, y64) < TOL[dt], rel(y, y64)
+    names = ("dq", "dk", "dv") if not (causal and T == 1) else ("dv",)  # T=1 causal: dq, dk ~ eps, pure rounding
+    for name, a, b in zip(("dq", "dk", "dv"), grads, g64):
+        if name in names:
+            assert torch.isfinite(a).all(), name
+            assert rel(a, b) < TOL[dt], (name, rel(a, b))
+
+
+def test_unmapped_features_and_split_heads_layout(poison):
+    """feature_map=None (inputs already positive), q/k/v as split_heads makes them (strided views)."""
+    g = torch.Generator().manual_seed(3)
+    B, T, H, d = 2, 37, 2, 8
+    x = [torch.rand(B, T, H * d, generator=g).view(B, T, H, d).transpose(1, 2).requires_grad_() for _ in range(3)]
+    y = function.linear_attention_triton(*x, causal=True, feature_map=None)
+    dy = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad(y, x, dy)
+    x64 = [t.detach().double().requires_grad_() for t in x]
+    y64 = linear_attention_ref(*x64, causal=True, feature_map=None)
+    assert rel(y, y64) < 1e-5
+    assert y.transpose(1, 2).is_contiguous()  # merge_heads is a view
+    for a, b in zip(grads, torch.autograd.grad(y64, x64, dy.double())):
+        assert rel(a, b) < 1e-5
+
+
+def test_float64_falls_back_and_bad_input_raises():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 9, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    assert rel(function.linear_attention_triton(q, k, v), linear_attention_ref(q, k, v)) < 1e-12
+    with pytest.raises(ValueError, match="causal attention needs as many keys"):
+        function.linear_attention_triton(q, k[:, :, :5], v[:, :, :5], causal=True)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        function.linear_attention_triton(q, k, v, key_padding_mask=torch.zeros(1, 9))
+    with pytest.raises(ValueError, match="feature map"):
+        function.linear_attention_triton(q, k, v, feature_map="relu")
+
+
+@pytest.mark.parametrize("dt,sdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.bfloat16, torch.bfloat16)])
+def test_step_matches_reference(dt, sdt, poison):
+    g = torch.Generator().manual_seed(5)
+    B, H, d, dv = 3, 2, 8, 40
+    q, k = (torch.randn(B, H, d, generator=g).to(dt) for _ in range(2))
+    v = torch.randn(B, H, dv, generator=g).to(dt)
+    S, z = torch.rand(B, H, d, dv, generator=g).to(sdt), (torch.rand(B, H, d, generator=g) + 1).to(sdt)
+    write = torch.tensor([True, False, True])
+    S_before, z_before = S.clone(), z.clone()
+    y, S1, z1 = recurrent.linear_attention_step_triton(q, k, v, S, z, write=write)
+    y64, S64, z64 = linear_attention_step_ref(*(t.double() for t in (q, k, v, S, z)), write=write)
+    assert y.dtype == S1.dtype == z1.dtype == torch.promote_types(dt, sdt)  # as the reference's arithmetic
+    tol = TOL[sdt]
+    assert rel(y, y64) < tol and rel(S1, S64) < tol and rel(z1, z64) < tol
+    assert torch.equal(S, S_before) and torch.equal(z, z_before)  # the functional form leaves the state alone
+    out = torch.full(v.shape, float("nan"), dtype=y.dtype)
+    assert recurrent.linear_attention_step_(q, k, v, S, z, out, write=write) is out
+    assert rel(out, y64) < tol and rel(S, S64) < tol and rel(z, z64) < tol
+    assert torch.equal(S[1], S_before[1]) and torch.equal(z[1], z_before[1])  # write=False: state untouched
+
+
+def test_steps_equal_parallel_form():
+    """Stepping the in-place kernel over a sequence reproduces the chunked kernel's causal output."""
+    g = torch.Generator().manual_seed(6)
+    B, H, T, d, dv = 2, 2, 7, 8, 12
+    q, k, v = torch.randn(B, H, T, d, generator=g), torch.randn(B, H, T, d, generator=g), \
+        torch.randn(B, H, T, dv, generator=g)
+    y = function.linear_attention_triton(q, k, v, causal=True)
+    S, z, out = torch.zeros(B, H, d, dv), torch.zeros(B, H, d), torch.empty(B, H, dv)
+    steps = []
+    for t in range(T):
+        recurrent.linear_attention_step_(q[:, :, t].contiguous(), k[:, :, t].contiguous(), v[:, :, t].contiguous(),
+                                         S, z, out)
+        steps.append(out.clone())
+    assert rel(torch.stack(steps, 2), y) < 1e-5
+
+
+def test_module_parallel_vs_recurrent_on_triton():
+    """LinearAttention(backend='triton'): the chunked kernel (forward) against the step kernel (decoding)."""
+    from src.attention.checks import parallel_vs_recurrent
+    from src.attention.linear import LinearAttention
+    torch.manual_seed(0)
+    attn = LinearAttention(16, 2, "decoder", backend="triton")
+    assert parallel_vs_recurrent(attn, B=3, T=9, dtype=torch.float32) < 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_in_this_process(request):
+    if STALE and request.node.name != "test_in_fresh_process":
+        pytest.skip("Triton was imported before TRITON_INTERPRET=1: covered by test_in_fresh_process")
+
+
+@pytest.mark.skipif(not STALE, reason="the interpreter runs in this process")
+def test_in_fresh_process():
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
