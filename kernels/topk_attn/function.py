@@ -1,0 +1,53 @@
+"""Autograd wrapper of the fused Triton top-k attention kernels (kernels/topk_attn/chunk.py).
+
+Saved for backward: q, k, v, the output, and per query the top-k softmax weights P (float32) and key indices I
+(int32): O(T * k), no score matrix. The backward writes dQ directly and scatters into dK, dV with float32 atomics.
+"""
+from __future__ import annotations
+
+import torch
+
+from .chunk import MAX_TOPK, topk_bwd, topk_fwd
+from .reference import check_args
+
+
+class TopkAttentionTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, topk, causal, scale):
+        out, P, I = topk_fwd(q, k, v, topk, causal, key_padding_mask, scale)
+        ctx.save_for_backward(q, k, v, out, P, I)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, P, I = ctx.saved_tensors
+        dq, dk, dv = topk_bwd(q, k, v, out, dout, P, I, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def topk_attention_triton(q, k, v, topk: int, causal: bool, key_padding_mask=None, chunk_size: int = 1024,
+                          scale=None):
+    """Top-k attention, fused: same function as ``reference.topk_attention_dense``. ``chunk_size`` is accepted
+    for signature parity with the chunked PyTorch version and ignored (the kernel tiles queries itself).
+    fp32 / bf16 / fp16 inputs, float32 accumulation; supports min(topk, key length) <= MAX_TOPK (128)."""
+    check_args(q, k, v, topk, key_padding_mask, chunk_size)
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"topk_attention_triton: dtype {q.dtype} is not supported; use float32, bfloat16 or "
+                         f"float16, or backend='torch'")
+    S = k.shape[2]
+    kk = min(topk, S)
+    if kk > MAX_TOPK:
+        raise ValueError(f"topk_attention_triton: topk={topk} > {MAX_TOPK} (with key length {S}) is not supported "
+                         f"by the fused kernel; use backend='torch' (the chunked PyTorch version)")
+    if max(q.shape[-1], v.shape[-1]) > 256:
+        raise ValueError(f"topk_attention_triton: head dims up to 256 are supported, got q/k {q.shape[-1]}, "
+                         f"v {v.shape[-1]}; use backend='torch'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"topk_attention_triton: scale must be > 0 (the kernel selects on raw dot products), "
+                         f"got {scale}; use backend='torch' for other scales")
+    if q.shape[2] == 0 or S == 0:  # nothing to attend: zeros, still connected to the graph
+        return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return TopkAttentionTriton.apply(q, k, v, key_padding_mask, kk, causal, scale)

@@ -1,0 +1,184 @@
+"""Fused top-k attention Triton kernels against the float64 dense reference, run on the CPU by Triton's interpreter.
+
+TRITON_INTERPRET=1 must hold when @triton.jit runs (that is when it picks the interpreter), so it is set here
+before the kernel modules are imported; if something imported them earlier without it, they are reloaded. If
+Triton itself was imported earlier without it (its tl.sort / tl.topk are then compiled-only), the tests here are
+skipped and test_file_in_subprocess runs this file in a fresh process instead.
+The interpreter runs Triton's bitonic sort element by element in Python, so tiles are shrunk (CFG) and shapes
+kept small; the full-size check is bench/check_topk_gpu.py on a GPU. The GPU-only sweep ('fast': tensor-core
+prefix counts, inline-PTX stores) is covered there, not here."""
+import importlib
+import os
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytest.importorskip("numpy")
+
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import kernels.topk_attn.chunk as chunk  # noqa: E402
+import kernels.topk_attn.function as function  # noqa: E402
+from kernels.topk_attn import topk_attention  # noqa: E402
+from kernels.topk_attn.reference import topk_attention_dense  # noqa: E402
+
+INTERPRETED = isinstance(tl.sort, InterpretedFunction)
+if INTERPRETED and not isinstance(chunk._fwd_kernel, InterpretedFunction):  # compiled by an earlier import: redo
+    chunk = importlib.reload(chunk)
+    function = importlib.reload(function)
+
+# small tiles: 8 groups, 16 candidate slots, 2 persistent programs (several tiles each)
+CFG = dict(BM=16, BN=8, CAP=16, BS=16, KC=4, BMB=16, progs_per_sm=1)
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch, request):
+    if not INTERPRETED and request.node.name != "test_file_in_subprocess":
+        pytest.skip("Triton was imported before TRITON_INTERPRET=1: test_file_in_subprocess runs these")
+    monkeypatch.setattr(chunk, "CONFIG", {**chunk.CONFIG, **CFG})
+
+
+@pytest.mark.skipif(INTERPRETED, reason="runs only when this process cannot use the interpreter")
+def test_file_in_subprocess():
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the kernels allocate starts as garbage (NaN / -7), so an element they fail to write shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def inputs(B, H, T, S, d=16, dv=16, dtype=torch.float32, seed=0, pad=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, e, generator=g).to(dtype) for n, e in ((T, d), (S, d), (S, dv)))
+    kpm = None
+    if pad:
+        kpm = torch.rand(B, S, generator=g) < 0.3
+        kpm[0] = False
+        if B > 1:
+            kpm[-1] = True  # a sequence with no key at all: its outputs are 0
+    return q, k, v, kpm
+
+
+def check(q, k, v, topk, causal, kpm=None, scale=None, seed=1):
+    """Output and q/k/v gradients of the kernel against the float64 dense reference on the same inputs."""
+    qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
+    out = function.topk_attention_triton(qt, kt, vt, topk, causal, key_padding_mask=kpm, scale=scale)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    out.backward(dout)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = topk_attention_dense(qr, kr, vr, topk, causal, kpm, scale=scale)
+    ref.backward(dout.double())
+    tol = TOL[q.dtype]
+    assert out.dtype == q.dtype and not out.isnan().any()
+    for name, a, b in (("out", out, ref), ("dq", qt.grad, qr.grad), ("dk", kt.grad, kr.grad),
+                       ("dv", vt.grad, vr.grad)):
+        assert a.dtype == q.dtype and not a.isnan().any(), name
+        if b.norm() == 0:
+            assert a.norm() == 0, name
+        else:
+            assert rel(a, b) < tol, (name, rel(a, b))
+
+
+@pytest.mark.parametrize("B,H,T,S,topk,causal,pad", [
+    (2, 1, 1, 1, 4, False, False),      # one query, one key
+    (1, 2, 63, 63, 4, True, False),     # causal, T not a multiple of the tiles
+    (2, 1, 63, 63, 5, False, True),     # k not a power of two, padding, one sequence fully padded
+    (2, 1, 5, 63, 4, True, True),       # queries at the end of a longer key sequence (KV cache)
+    (1, 1, 63, 5, 3, True, False),      # more queries than keys: the first rows see no key at all
+    (1, 1, 129, 129, 4, True, True),    # several key tiles per row, longer rows than CAP
+    (1, 1, 9, 9, 100, False, True),     # k > length: softmax over every visible key
+])
+def test_matches_dense_fp32(B, H, T, S, topk, causal, pad):
+    q, k, v, kpm = inputs(B, H, T, S, seed=T * 7 + S, pad=pad)
+    check(q, k, v, topk, causal, kpm)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_dense_half(dtype):
+    q, k, v, kpm = inputs(2, 1, 63, 63, dtype=dtype, seed=3, pad=True)
+    check(q, k, v, 4, True, kpm, scale=0.3)
+
+
+def overflowing_rows(q, k, topk, causal, kpm, BN, CAP):
+    """How many rows have more than CAP scores >= the k-th largest of their BN group maxima (what sweep 2 sees)."""
+    s = (q.double() @ k.double().transpose(-1, -2))
+    T, S = s.shape[-2:]
+    ok = torch.ones(T, S, dtype=torch.bool).tril(S - T) if causal else torch.ones(T, S, dtype=torch.bool)
+    ok = ok[None, None] if kpm is None else ok[None, None] & ~kpm[:, None, None, :]
+    s = s.masked_fill(~ok, float("-inf"))
+    g = torch.nn.functional.pad(s, (0, (-S) % BN), value=float("-inf")).unflatten(-1, (-1, BN)).amax(-2)
+    tau = g.topk(min(topk, BN), -1).values[..., -1:]
+    return int(((s >= tau) & ok).sum(-1).gt(CAP).sum())
+
+
+def test_refinement_when_candidates_overflow(monkeypatch):
+    """k = 16 with 16 groups and 32 candidate slots: tau is the smallest group maximum, far too low for 129 keys,
+    so rows overflow and take the refinement sweeps (some twice)."""
+    monkeypatch.setattr(chunk, "CONFIG", {**chunk.CONFIG, "BN": 16, "CAP": 32})
+    q, k, v, kpm = inputs(2, 1, 17, 129, seed=5, pad=True)
+    assert overflowing_rows(q, k, 16, False, kpm, BN=16, CAP=32) > 10  # the path under test is really taken
+    check(q, k, v, 16, False, kpm)
+
+
+def test_ties_any_valid_choice(monkeypatch):
+    """Zero queries (every score ties) and duplicated keys: any top-k among ties is right, so check the selection
+    itself: k distinct visible keys whose scores are >= every unselected one, P their softmax, out = sum P v."""
+    monkeypatch.setattr(chunk, "CONFIG", {**chunk.CONFIG, "CAP": 8})
+    q, k, v, _ = inputs(1, 1, 20, 40, seed=9)
+    q[:, :, :6] = 0                       # 40 tied scores: more than the 8 slots, refinement must break ties
+    k[:, :, 20:30] = k[:, :, 10:11]
+    topk, scale = 4, 0.25
+    out, P, I = chunk.topk_fwd(q, k, v, topk, False, None, scale)
+    s = (q.double() @ k.double().transpose(-1, -2))[0, 0]
+    for i in range(20):
+        sel = I[0, 0, i].long()
+        n = topk
+        assert (sel >= 0).all() and sel.unique().numel() == n
+        rest = torch.ones(40, dtype=torch.bool)
+        rest[sel] = False
+        assert s[i, sel].min() >= s[i][rest].max() - 1e-5
+        p = torch.softmax(s[i, sel[:n]] * scale, 0)
+        torch.testing.assert_close(P[0, 0, i, :n].double(), p, atol=1e-6, rtol=0)
+        assert (P[0, 0, i, n:] == 0).all()
+        torch.testing.assert_close(out[0, 0, i].double(), p @ v[0, 0, sel[:n]].double(), atol=1e-5, rtol=0)
+
+
+def test_sort_path_without_tl_topk(monkeypatch):
+    """Triton builds without tl.topk take a full tl.sort of the candidates instead."""
+    monkeypatch.setattr(chunk, "HAS_TOPK", False)
+    q, k, v, kpm = inputs(2, 1, 33, 33, seed=11, pad=True)
+    check(q, k, v, 3, True, kpm)
+
+
+def test_dispatch_and_errors():
+    q, k, v, kpm = inputs(1, 2, 3, 6, seed=13, pad=True)
+    out = topk_attention(q, k, v, 2, True, kpm, backend="triton")
+    torch.testing.assert_close(out.double(), topk_attention_dense(q.double(), k.double(), v.double(), 2, True, kpm),
+                               atol=1e-5, rtol=0)
+    long_k = torch.randn(1, 2, 200, 16)
+    with pytest.raises(ValueError, match="topk=129"):
+        function.topk_attention_triton(q, long_k, long_k, 129, False)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        function.topk_attention_triton(q, k, v, 2, False, scale=-1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        function.topk_attention_triton(q.double(), k.double(), v.double(), 2, False)
