@@ -10,8 +10,11 @@ def topk_attention(q, k, v, topk: int, causal: bool, key_padding_mask=None, chun
     if dropout_p > 0 and backend == "triton":
         raise ValueError("topk_attention: the Triton kernel has no attention dropout; set the attention "
                          "dropout to 0 or use backend='auto' / 'torch' (the chunked PyTorch version has it)")
-    # use_triton also validates `backend`; under auto, training with dropout takes the chunked PyTorch path
-    if use_triton(backend, q, k, v) and dropout_p == 0:
+    # use_triton also validates `backend`; under auto, training with dropout, or a call the fused kernel does not
+    # take (min(topk, S) <= 128, scale > 0, head dims <= 256), runs the chunked PyTorch path; a forced
+    # backend="triton" gets the kernel's own error instead
+    fits = min(topk, k.shape[2]) <= 128 and (scale is None or scale > 0) and max(q.shape[-1], v.shape[-1]) <= 256
+    if use_triton(backend, q, k, v) and dropout_p == 0 and (fits or backend == "triton"):
         from .function import topk_attention_triton
         return topk_attention_triton(q, k, v, topk, causal, key_padding_mask=key_padding_mask,
                                      chunk_size=chunk_size, scale=scale)
