@@ -2,7 +2,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+# The Triton kernels are tested on the CPU by Triton's interpreter. It must be on before Triton is first imported
+# (Triton and @triton.jit choose the interpreter at that moment), hence here, ahead of every test module.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,3 +48,14 @@ def compose_cfg(tmp_path):
 
     yield make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every buffer a kernel allocates starts as garbage (floats NaN, integers -7): an unwritten element shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))

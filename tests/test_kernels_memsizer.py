@@ -1,49 +1,16 @@
 """MemSizer Triton path (the linear-attention chunk kernels in row-scale mode, the step kernel in count mode)
-against the float64 reference, run on the CPU by Triton's interpreter. TRITON_INTERPRET=1 is set before Triton is
-imported (@triton.jit picks the interpreter when it runs); if Triton was imported earlier without it, this file
-reruns in a fresh process."""
-import os
-import subprocess
-import sys
-
-os.environ["TRITON_INTERPRET"] = "1"
-
+against the float64 reference, run on the CPU by Triton's interpreter (switched on in conftest.py)."""
 import pytest
 import torch
 
 pytest.importorskip("triton")
 pytest.importorskip("numpy")
 
-import triton.language.standard  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-# Triton decorates its own library when it is first imported: if something imported it before the variable was set,
-# the interpreter cannot run in this process, so this file runs in a fresh one instead (one test, below).
-STALE = not isinstance(triton.language.standard.sum, InterpretedFunction)
-
 import kernels.linear_attn.chunk as chunk  # noqa: E402
-import kernels.linear_attn.recurrent as recurrent  # noqa: E402
 import kernels.memsizer.function as function  # noqa: E402
 import kernels.memsizer.recurrent as ms_recurrent  # noqa: E402
+from kernel_utils import TOL, rel  # noqa: E402
 from kernels.memsizer.reference import memsizer_ref, memsizer_step_ref  # noqa: E402
-
-
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Every float buffer the kernels allocate starts as NaN, so an element they fail to write shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
 
 def inputs(B, T, S, k, d, dt, g):
@@ -141,16 +108,3 @@ def test_module_parallel_vs_recurrent_on_triton():
     torch.manual_seed(0)
     attn = MemSizerAttention(16, 2, "decoder", k=4, backend="triton")
     assert parallel_vs_recurrent(attn, B=3, T=9, dtype=torch.float32) < 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_in_this_process(request):
-    if STALE and request.node.name != "test_in_fresh_process":
-        pytest.skip("Triton was imported before TRITON_INTERPRET=1: covered by test_in_fresh_process")
-
-
-@pytest.mark.skipif(not STALE, reason="the interpreter runs in this process")
-def test_in_fresh_process():
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

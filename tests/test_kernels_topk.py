@@ -1,70 +1,29 @@
 """Fused top-k attention Triton kernels against the float64 dense reference, run on the CPU by Triton's interpreter.
 
-TRITON_INTERPRET=1 must hold when @triton.jit runs (that is when it picks the interpreter), so it is set here
-before the kernel modules are imported; if something imported them earlier without it, they are reloaded. If
-Triton itself was imported earlier without it (its tl.sort / tl.topk are then compiled-only), the tests here are
-skipped and test_file_in_subprocess runs this file in a fresh process instead.
+The interpreter is switched on in conftest.py, before anything imports Triton.
 The interpreter runs Triton's bitonic sort element by element in Python, so tiles are shrunk (CFG) and shapes
 kept small; the full-size check is bench/check_topk_gpu.py on a GPU. The GPU-only sweep ('fast': tensor-core
 prefix counts, inline-PTX stores) is covered there, not here."""
-import importlib
-import os
-import subprocess
-import sys
-
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 pytest.importorskip("numpy")
 
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
 import kernels.topk_attn.chunk as chunk  # noqa: E402
 import kernels.topk_attn.function as function  # noqa: E402
+from kernel_utils import TOL, rel  # noqa: E402
 from kernels.topk_attn import topk_attention  # noqa: E402
 from kernels.topk_attn.reference import topk_attention_dense  # noqa: E402
 
-INTERPRETED = isinstance(tl.sort, InterpretedFunction)
-if INTERPRETED and not isinstance(chunk._fwd_kernel, InterpretedFunction):  # compiled by an earlier import: redo
-    chunk = importlib.reload(chunk)
-    function = importlib.reload(function)
-
+pytestmark = pytest.mark.usefixtures("poison")
 # small tiles: 8 groups, 16 candidate slots, 2 persistent programs (several tiles each)
 CFG = dict(BM=16, BN=8, CAP=16, BS=16, KC=4, BMB=16, progs_per_sm=1)
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(autouse=True)
-def small_tiles(monkeypatch, request):
-    if not INTERPRETED and request.node.name != "test_file_in_subprocess":
-        pytest.skip("Triton was imported before TRITON_INTERPRET=1: test_file_in_subprocess runs these")
+def small_tiles(monkeypatch):
     monkeypatch.setattr(chunk, "CONFIG", {**chunk.CONFIG, **CFG})
-
-
-@pytest.mark.skipif(INTERPRETED, reason="runs only when this process cannot use the interpreter")
-def test_file_in_subprocess():
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """Every buffer the kernels allocate starts as garbage (NaN / -7), so an element they fail to write shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def inputs(B, H, T, S, d=16, dv=16, dtype=torch.float32, seed=0, pad=False):

@@ -6,8 +6,6 @@ softmax attention: same projections, same parameter names, same KV cache, so a s
 (with k >= the key length it computes exactly softmax attention)."""
 from __future__ import annotations
 
-import torch
-
 from kernels import BACKENDS
 from kernels.topk_attn import topk_attention
 
