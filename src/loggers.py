@@ -22,6 +22,5 @@ def wandb_logger(project: str, save_dir: str, name: str | None = None, **kwargs)
     from pytorch_lightning.loggers import WandbLogger
 
     os.makedirs(save_dir, exist_ok=True)
-    offline = not wandb_online()
-    # wandb reads WANDB_MODE itself; keep it consistent with our decision (e.g. a stale "disabled" stays).
-    return WandbLogger(project=project, save_dir=save_dir, name=name, offline=offline, **kwargs)
+    # an explicit WANDB_MODE (e.g. "disabled") is still honoured by wandb itself
+    return WandbLogger(project=project, save_dir=save_dir, name=name, offline=not wandb_online(), **kwargs)
