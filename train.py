@@ -4,7 +4,7 @@ Configs live in conf/ (see conf/config.yaml); the run itself is src/train.py."""
 import hydra
 from omegaconf import DictConfig
 
-from src.train import run
+from attnlab.train import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

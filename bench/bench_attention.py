@@ -25,9 +25,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # kernels/ without PYTHONPATH
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # plot.py
-import plot  # noqa: E402
+import plot  # noqa: E402  bench/plot.py: the script's folder is on sys.path when run as `python bench/bench_attention.py`
 
 ALL_VARIANTS = ["sdpa_flash", "linear_triton", "linear_torch", "linear_ref", "fla_chunk", "memsizer_triton",
                 "memsizer_torch", "memsizer_ref", "topk_triton", "topk_torch"]
@@ -65,8 +63,8 @@ def make_variant(name, a):
     if name == "sdpa_flash":
         return (lambda B, H, T: (_qkv(a, B, H, T), _sdpa)), _sdpa_ref
     if name.startswith("linear_"):
-        from kernels.linear_attn import linear_attention
-        from kernels.linear_attn.reference import linear_attention_ref
+        from attnlab.kernels.linear_attn import linear_attention
+        from attnlab.kernels.linear_attn.reference import linear_attention_ref
         if name == "linear_ref":  # the definition: cumulative sums over a (B, H, T, D, D) tensor
             fn = lambda q, k, v: linear_attention_ref(q, k, v, causal=True)  # noqa: E731
         else:  # backend="torch" is the chunked PyTorch path
@@ -77,7 +75,7 @@ def make_variant(name, a):
         if a.device.type != "cuda":
             raise ImportError("fla needs CUDA (its kernels are Triton without a CPU path)")
         from fla.ops.linear_attn import chunk_linear_attn
-        from kernels.linear_attn.reference import elu1, linear_attention_ref
+        from attnlab.kernels.linear_attn.reference import elu1, linear_attention_ref
 
         def fn(q, k, v):  # (B, T, H, D) layout; the feature map is applied here as linear_attention does inside
             return chunk_linear_attn(elu1(q), elu1(k), v, normalize=True)[0]
@@ -87,7 +85,7 @@ def make_variant(name, a):
             return t(linear_attention_ref(t(q), t(k), t(v), causal=True))
         return (lambda B, H, T: (_qkv(a, B, H, T, layout="bthd"), fn)), ref
     if name.startswith("memsizer_"):
-        from kernels.memsizer import memsizer, memsizer_ref
+        from attnlab.kernels.memsizer import memsizer, memsizer_ref
         if name == "memsizer_ref":  # the definition: a prefix sum over a (B, T, k, d) tensor
             fn = lambda p, k, v: memsizer_ref(p, k, v, causal=True)  # noqa: E731
         else:  # backend="torch" is the chunked PyTorch path
@@ -101,7 +99,7 @@ def make_variant(name, a):
             return [p, k, v], fn
         return mk, (lambda p, k, v: memsizer_ref(p, k, v, causal=True))
     if name.startswith("topk_"):
-        from kernels.topk_attn import topk_attention
+        from attnlab.kernels.topk_attn import topk_attention
         be = _tri(a) if name == "topk_triton" else "torch"
         fn = lambda q, k, v: topk_attention(q, k, v, a.topk, True, backend=be)  # noqa: E731
         ref = lambda q, k, v: topk_attention(q, k, v, a.topk, True, backend="torch")  # noqa: E731
@@ -221,25 +219,25 @@ def decode_bench(a, timer, log):
     cases = []  # (op, context, step fn)
 
     def la_case(be):  # be == "inplace": the allocation-free Triton step that updates S, z in place
-        from kernels.linear_attn import linear_attention_step
+        from attnlab.kernels.linear_attn import linear_attention_step
         q, k, v = (torch.randn(B, H, d, device=dev, dtype=sdt) for _ in range(3))
         S = torch.rand(B, H, d, d, device=dev, dtype=sdt)  # random, not zeros: realistic data, every byte read
         z = torch.rand(B, H, d, device=dev, dtype=sdt) + 1
         if be == "inplace":
-            from kernels.linear_attn.recurrent import linear_attention_step_
+            from attnlab.kernels.linear_attn.recurrent import linear_attention_step_
             out = torch.empty_like(v)
             return lambda: linear_attention_step_(q, k, v, S, z, out)
         return lambda: linear_attention_step(q, k, v, S, z, backend=be)
 
     def ms_case(be):  # one head, values as wide as the heads of the other ops together (H * d), as in the T sweep
-        from kernels.memsizer import memsizer_step
+        from attnlab.kernels.memsizer import memsizer_step
         p = torch.randn(B, a.slots, device=dev).softmax(-1).to(sdt)
         k = torch.randn(B, a.slots, device=dev).softmax(-1).to(sdt)
         v = torch.randn(B, H * d, device=dev, dtype=sdt)
         S = torch.rand(B, a.slots, H * d, device=dev, dtype=sdt)
         count = torch.full((B,), 100.0, device=dev, dtype=sdt)
         if be == "inplace":
-            from kernels.memsizer.recurrent import memsizer_step_
+            from attnlab.kernels.memsizer.recurrent import memsizer_step_
             out = torch.empty_like(v)
             return lambda: memsizer_step_(p, k, v, S, count, out)
         return lambda: memsizer_step(p, k, v, S, count, backend=be)

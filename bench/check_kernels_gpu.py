@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 import triton
 
-import kernels.linear_attn.chunk as chunk
-from kernels.linear_attn.function import linear_attention_triton
-from kernels.linear_attn.recurrent import linear_attention_step_, linear_attention_step_triton
-from kernels.linear_attn.reference import linear_attention_chunked_torch, linear_attention_ref, \
+import attnlab.kernels.linear_attn.chunk as chunk
+from attnlab.kernels.linear_attn.function import linear_attention_triton
+from attnlab.kernels.linear_attn.recurrent import linear_attention_step_, linear_attention_step_triton
+from attnlab.kernels.linear_attn.reference import linear_attention_chunked_torch, linear_attention_ref, \
     linear_attention_step_ref
-from kernels.memsizer.function import memsizer_triton
-from kernels.memsizer.recurrent import memsizer_step_, memsizer_step_triton
-from kernels.memsizer.reference import memsizer_ref, memsizer_step_ref
+from attnlab.kernels.memsizer.function import memsizer_triton
+from attnlab.kernels.memsizer.recurrent import memsizer_step_, memsizer_step_triton
+from attnlab.kernels.memsizer.reference import memsizer_ref, memsizer_step_ref
 
 dev = "cuda"
 LINES = []  # the summary table

@@ -91,10 +91,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels.topk_attn.chunk as chunk  # noqa: E402
-from kernels.topk_attn.function import topk_attention_triton  # noqa: E402
-from kernels.topk_attn.reference import topk_attention_chunked, topk_attention_dense  # noqa: E402
+import attnlab.kernels.topk_attn.chunk as chunk  # noqa: E402
+from attnlab.kernels.topk_attn.function import topk_attention_triton  # noqa: E402
+from attnlab.kernels.topk_attn.reference import topk_attention_chunked, topk_attention_dense  # noqa: E402
 
 T0 = time.time()
 DEV = "cpu" if "--dry-run" in sys.argv else "cuda"

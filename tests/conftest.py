@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 # The Triton kernels are tested on the CPU by Triton's interpreter. It must be on before Triton is first imported
@@ -10,7 +9,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_SILENT", "true")
 
 

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from kernels.linear_attn import linear_attention_chunked_torch, linear_attention_ref
-from src.attention import ConfigError, build_attention, role_options
-from src.attention.checks import parallel_vs_recurrent, random_padding
-from src.transformer import TransformerDecoder, TransformerSeq2Seq
+from attnlab.kernels.linear_attn import linear_attention_chunked_torch, linear_attention_ref
+from attnlab.attention import ConfigError, build_attention, role_options
+from attnlab.attention.checks import parallel_vs_recurrent, random_padding
+from attnlab.transformer import TransformerDecoder, TransformerSeq2Seq
 
 
 @pytest.mark.parametrize("name", ["softmax", "linear"])

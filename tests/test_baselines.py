@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.linear_attn import linear_attention
-from src.attention import ConfigError, build_attention
-from src.attention.checks import parallel_vs_recurrent, random_padding
-from src.attention.performer import favor_features, orthogonal_features
-from src.attention.reformer import SELF_PENALTY, lsh_attention, lsh_attention_reference, lsh_buckets
+from attnlab.kernels.linear_attn import linear_attention
+from attnlab.attention import ConfigError, build_attention
+from attnlab.attention.checks import parallel_vs_recurrent, random_padding
+from attnlab.attention.performer import favor_features, orthogonal_features
+from attnlab.attention.reformer import SELF_PENALTY, lsh_attention, lsh_attention_reference, lsh_buckets
 
 D, H = 16, 2
 

@@ -6,11 +6,11 @@ import torch
 pytest.importorskip("triton")
 pytest.importorskip("numpy")
 
-import kernels.linear_attn.chunk as chunk  # noqa: E402
-import kernels.linear_attn.function as function  # noqa: E402
-import kernels.linear_attn.recurrent as recurrent  # noqa: E402
+import attnlab.kernels.linear_attn.chunk as chunk  # noqa: E402
+import attnlab.kernels.linear_attn.function as function  # noqa: E402
+import attnlab.kernels.linear_attn.recurrent as recurrent  # noqa: E402
 from kernel_utils import TOL, rel  # noqa: E402
-from kernels.linear_attn.reference import linear_attention_ref, linear_attention_step_ref  # noqa: E402
+from attnlab.kernels.linear_attn.reference import linear_attention_ref, linear_attention_step_ref  # noqa: E402
 
 
 def padding(B, S, g):
@@ -126,8 +126,8 @@ def test_steps_equal_parallel_form():
 
 def test_module_parallel_vs_recurrent_on_triton():
     """LinearAttention(backend='triton'): the chunked kernel (forward) against the step kernel (decoding)."""
-    from src.attention.checks import parallel_vs_recurrent
-    from src.attention.linear import LinearAttention
+    from attnlab.attention.checks import parallel_vs_recurrent
+    from attnlab.attention.linear import LinearAttention
     torch.manual_seed(0)
     attn = LinearAttention(16, 2, "decoder", backend="triton")
     assert parallel_vs_recurrent(attn, B=3, T=9, dtype=torch.float32) < 1e-5

@@ -6,11 +6,11 @@ import torch
 pytest.importorskip("triton")
 pytest.importorskip("numpy")
 
-import kernels.linear_attn.chunk as chunk  # noqa: E402
-import kernels.memsizer.function as function  # noqa: E402
-import kernels.memsizer.recurrent as ms_recurrent  # noqa: E402
+import attnlab.kernels.linear_attn.chunk as chunk  # noqa: E402
+import attnlab.kernels.memsizer.function as function  # noqa: E402
+import attnlab.kernels.memsizer.recurrent as ms_recurrent  # noqa: E402
 from kernel_utils import TOL, rel  # noqa: E402
-from kernels.memsizer.reference import memsizer_ref, memsizer_step_ref  # noqa: E402
+from attnlab.kernels.memsizer.reference import memsizer_ref, memsizer_step_ref  # noqa: E402
 
 
 def inputs(B, T, S, k, d, dt, g):
@@ -103,8 +103,8 @@ def test_steps_equal_parallel_form():
 
 def test_module_parallel_vs_recurrent_on_triton():
     """MemSizerAttention(backend='triton'): the chunked kernel (forward) against the step kernel (decoding)."""
-    from src.attention.checks import parallel_vs_recurrent
-    from src.attention.memsizer import MemSizerAttention
+    from attnlab.attention.checks import parallel_vs_recurrent
+    from attnlab.attention.memsizer import MemSizerAttention
     torch.manual_seed(0)
     attn = MemSizerAttention(16, 2, "decoder", k=4, backend="triton")
     assert parallel_vs_recurrent(attn, B=3, T=9, dtype=torch.float32) < 1e-5

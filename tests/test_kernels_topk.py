@@ -10,11 +10,11 @@ import torch
 pytest.importorskip("triton")
 pytest.importorskip("numpy")
 
-import kernels.topk_attn.chunk as chunk  # noqa: E402
-import kernels.topk_attn.function as function  # noqa: E402
+import attnlab.kernels.topk_attn.chunk as chunk  # noqa: E402
+import attnlab.kernels.topk_attn.function as function  # noqa: E402
 from kernel_utils import TOL, rel  # noqa: E402
-from kernels.topk_attn import topk_attention  # noqa: E402
-from kernels.topk_attn.reference import topk_attention_dense  # noqa: E402
+from attnlab.kernels.topk_attn import topk_attention  # noqa: E402
+from attnlab.kernels.topk_attn.reference import topk_attention_dense  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison")
 # small tiles: 8 groups, 16 candidate slots, 2 persistent programs (several tiles each)

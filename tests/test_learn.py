@@ -4,7 +4,7 @@ Slow: run with `pytest --runslow`. Each training run stops at its target validat
 (3 minutes; linear: 4)."""
 import pytest
 
-from src.train import run
+from attnlab.train import run
 
 LEARN = ["task.max_len=32", "logger=none", "trainer.accelerator=cpu", "trainer.max_time=00:00:03:00",
          "trainer.max_steps=20000", "trainer.val_check_interval=100", "trainer.enable_progress_bar=false",

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from kernels.memsizer import memsizer, memsizer_step
-from kernels.memsizer.reference import memsizer_chunked_torch, memsizer_ref, memsizer_step_ref
-from src.attention import ConfigError, build_attention
-from src.attention.checks import parallel_vs_recurrent, random_padding
+from attnlab.kernels.memsizer import memsizer, memsizer_step
+from attnlab.kernels.memsizer.reference import memsizer_chunked_torch, memsizer_ref, memsizer_step_ref
+from attnlab.attention import ConfigError, build_attention
+from attnlab.attention.checks import parallel_vs_recurrent, random_padding
 
 CONF = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/attention/memsizer.yaml").read_text())
 f64 = torch.float64

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from kernels.topk_attn import topk_attention, topk_attention_chunked, topk_attention_dense
-from src.attention import ConfigError, build_attention
-from src.attention.checks import parallel_vs_recurrent, random_padding
-from src.topk_ffn import TopkFeedForward, TopkFFNFunction, topk_ffn_dense
-from src.transformer import FeedForward
+from attnlab.kernels.topk_attn import topk_attention, topk_attention_chunked, topk_attention_dense
+from attnlab.attention import ConfigError, build_attention
+from attnlab.attention.checks import parallel_vs_recurrent, random_padding
+from attnlab.topk_ffn import TopkFeedForward, TopkFFNFunction, topk_ffn_dense
+from attnlab.transformer import FeedForward
 
 ROOT = Path(__file__).resolve().parents[1]
 f64 = torch.float64

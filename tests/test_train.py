@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.attention import ConfigError
-from src.train import build, run
+from attnlab.attention import ConfigError
+from attnlab.train import build, run
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTENTIONS = sorted(p.stem for p in (ROOT / "conf/attention").glob("*.yaml"))
@@ -20,7 +20,7 @@ TINY = ["model.net.d_model=16", "model.net.n_heads=2", "model.net.d_ff=32", "mod
 
 def causal_only_error(cfg) -> bool:
     """Variants that cannot run causally must be rejected for decoder-only models."""
-    from src.attention import get, role_options
+    from attnlab.attention import get, role_options
     name, _ = role_options(cfg.attention, "decoder")
     return "decoder" not in get(name).roles
 
@@ -108,7 +108,7 @@ def test_invalid_combination_fails_before_training(compose_cfg):
 def test_cfg_job_prints_the_composed_config():
     res = _train_py("attention=softmax", "--cfg", "job")
     assert res.returncode == 0, res.stderr
-    assert "name: softmax" in res.stdout and "_target_: tasks.copy.CopyDataModule" in res.stdout
+    assert "name: softmax" in res.stdout and "_target_: attnlab.tasks.copy.CopyDataModule" in res.stdout
 
 
 def test_multirun_writes_one_results_file_per_job(tmp_path):

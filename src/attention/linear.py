@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.linear_attn import linear_attention, linear_attention_step
-from kernels.linear_attn.reference import feature
+from attnlab.kernels.linear_attn import linear_attention, linear_attention_step
+from attnlab.kernels.linear_attn.reference import feature
 
 from . import register
 from .base import Attention, State

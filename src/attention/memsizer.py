@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.memsizer import memsizer, memsizer_step
-from kernels.memsizer.reference import inv_sqrt_count
+from attnlab.kernels.memsizer import memsizer, memsizer_step
+from attnlab.kernels.memsizer.reference import inv_sqrt_count
 
 from . import register
 from .base import Attention, ConfigError, State

@@ -6,8 +6,8 @@ softmax attention: same projections, same parameter names, same KV cache, so a s
 (with k >= the key length it computes exactly softmax attention)."""
 from __future__ import annotations
 
-from kernels import BACKENDS
-from kernels.topk_attn import topk_attention
+from attnlab.kernels import BACKENDS
+from attnlab.kernels.topk_attn import topk_attention
 
 from . import register
 from .base import ConfigError
