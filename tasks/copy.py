@@ -4,31 +4,35 @@ A sample is ``x SEP x``: a random sequence over ``n_symbols`` symbols, a separat
 The model is a causal language model over it; loss and per-symbol accuracy are measured on the copied half
 only (the first half is random and cannot be predicted).
 
-Token ids: 0 = padding, 1 = separator, 2 .. n_symbols+1 = symbols. Sample ``i`` of a split is generated from
-its own seed ``(seed, split, i)``, so the data are the same for any batch size, worker count or resume point.
+Token ids: 0 = padding, 1 = separator, 2 .. n_symbols+1 = symbols. Sample ``i`` of a split is generated from its own
+random stream ``sample_rng(seed, split, i)``, so the data are the same for any batch size, worker count, number of
+processes or resume point, differ between splits, and change with the seed.
 """
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from .sampling import eval_loader, sample_rng, train_loader
 
 PAD, SEP = 0, 1
-_SPLIT_OFFSET = {"train": 0, "val": 1 << 40, "test": 2 << 40}
 
 
 class CopyDataset(Dataset):
     def __init__(self, size: int, min_len: int, max_len: int, n_symbols: int, seed: int, split: str):
         self.size, self.min_len, self.max_len, self.n_symbols = size, min_len, max_len, n_symbols
-        self.base = seed * (3 << 42) + _SPLIT_OFFSET[split]
+        self.seed, self.split = seed, split
 
     def __len__(self):
         return self.size
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.base + i)
-        n = int(torch.randint(self.min_len, self.max_len + 1, (1,), generator=g))
-        x = torch.randint(2, 2 + self.n_symbols, (n,), generator=g)
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        rng = sample_rng(self.seed, self.split, i)
+        n = int(rng.integers(self.min_len, self.max_len + 1))
+        x = torch.from_numpy(rng.integers(2, 2 + self.n_symbols, n))
         return torch.cat([x, torch.tensor([SEP]), x])
 
 
@@ -44,20 +48,9 @@ def collate(samples: list[torch.Tensor]) -> dict:
     return {"inputs": inputs, "targets": targets}
 
 
-class _FromStep(torch.utils.data.Sampler):
-    """Sequential indices starting at ``start``: a resumed run continues exactly where the checkpoint left off."""
-
-    def __init__(self, start: int, end: int):
-        self.start, self.end = start, end
-
-    def __iter__(self):
-        return iter(range(self.start, self.end))
-
-    def __len__(self):
-        return max(self.end - self.start, 0)
-
-
 class CopyDataModule(pl.LightningDataModule):
+    batch_kind = "lm"
+
     def __init__(self, n_symbols: int = 10, min_len: int = 1, max_len: int = 32, batch_size: int = 64,
                  train_size: int = 1_000_000, val_size: int = 1024, test_size: int = 1024, seed: int = 0,
                  num_workers: int = 0):
@@ -65,8 +58,10 @@ class CopyDataModule(pl.LightningDataModule):
         if not 1 <= min_len <= max_len:
             raise ValueError(f"copy task needs 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
         self.save_hyperparameters()
-        self.vocab_size = n_symbols + 2
-        self.max_len = 2 * max_len  # model input length: x SEP x minus the last token
+
+    def net_args(self) -> dict:
+        """What the network needs from the data: the input length is x SEP x minus the last token."""
+        return {"vocab_size": self.hparams.n_symbols + 2, "max_len": 2 * self.hparams.max_len}
 
     def _dataset(self, split: str, size: int) -> CopyDataset:
         h = self.hparams
@@ -74,16 +69,16 @@ class CopyDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         h = self.hparams
-        start = 0
-        if self.trainer is not None:  # resume: skip the samples the restored steps already consumed
-            start = self.trainer.global_step * self.trainer.accumulate_grad_batches * h.batch_size
-        return DataLoader(self._dataset("train", h.train_size), batch_size=h.batch_size,
-                          sampler=_FromStep(start, h.train_size), collate_fn=collate, num_workers=h.num_workers)
+        # A sequential stream (shuffle=False): the samples are random already; resumes at the trainer's step.
+        return train_loader(self._dataset("train", h.train_size), collate, self.trainer, h.seed, h.num_workers,
+                            batch_size=h.batch_size, shuffle=False)
 
     def val_dataloader(self):
-        return DataLoader(self._dataset("val", self.hparams.val_size), batch_size=self.hparams.batch_size,
-                          collate_fn=collate, num_workers=self.hparams.num_workers)
+        h = self.hparams
+        return eval_loader(self._dataset("val", h.val_size), collate, self.trainer, h.num_workers,
+                           batch_size=h.batch_size)
 
     def test_dataloader(self):
-        return DataLoader(self._dataset("test", self.hparams.test_size), batch_size=self.hparams.batch_size,
-                          collate_fn=collate, num_workers=self.hparams.num_workers)
+        h = self.hparams
+        return eval_loader(self._dataset("test", h.test_size), collate, self.trainer, h.num_workers,
+                           batch_size=h.batch_size)

@@ -48,7 +48,7 @@ def test_fast_dev_run_on_copy(compose_cfg, attention):
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_resume_reproduces_uninterrupted_run(compose_cfg, tmp_path):
