@@ -36,13 +36,13 @@ def build_ffn(d_model: int, d_ff: int, dropout: float, ffn_topk: int | None, ffn
 class Block(nn.Module):
     """Self-attention (+ cross-attention) + feed-forward, each a residual branch with pre- or post-norm."""
 
-    def __init__(self, attention: Mapping, role: str, d_model: int, n_heads: int, d_ff: int, dropout: float,
+    def __init__(self, attention: Mapping, role: str, d_model: int, n_heads: int, d_ff: int, dropout: float, *,
                  norm_first: bool, cross: bool = False, ffn_topk: int | None = None, ffn_chunk_size: int = 1024,
-                 max_len: int | None = None):
+                 max_len: int | None = None, memory_len: int | None = None):
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = build_attention(attention, role, d_model, n_heads, max_len)
-        self.cross_attn = build_attention(attention, "cross", d_model, n_heads, max_len) if cross else None
+        self.cross_attn = build_attention(attention, "cross", d_model, n_heads, memory_len) if cross else None
         self.ffn = build_ffn(d_model, d_ff, dropout, ffn_topk, ffn_chunk_size)
         n_norms = 3 if cross else 2
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_norms))
@@ -67,6 +67,21 @@ class Block(nn.Module):
 
         def cross_fn(h):
             y, states[1] = self.cross_attn.step(h, states[1])
+            return y
+
+        x = self._residual(x, 0, self_fn)
+        if self.cross_attn is not None:
+            x = self._residual(x, 1, cross_fn)
+        return self._residual(x, len(self.norms) - 1, self.ffn)
+
+    def prefill(self, x, states: list, key_padding_mask=None):
+        """A prompt (B, T, D) through the block at once; = T calls of ``step``. ``states`` is updated in place."""
+        def self_fn(h):
+            y, states[0] = self.self_attn.prefill(h, states[0], key_padding_mask)
+            return y
+
+        def cross_fn(h):
+            y, states[1] = self.cross_attn.prefill(h, states[1])
             return y
 
         x = self._residual(x, 0, self_fn)
@@ -119,12 +134,12 @@ class Embedding(nn.Module):
 class Stack(nn.Module):
     """N blocks of one role (+ a final norm when pre-norm)."""
 
-    def __init__(self, n_layers: int, role: str, cross: bool, attention, d_model, n_heads, d_ff, dropout,
-                 norm_first, ffn_topk=None, ffn_chunk_size=1024, max_len=None):
+    def __init__(self, n_layers: int, role: str, attention, d_model, n_heads, d_ff, dropout, *, norm_first: bool,
+                 cross: bool = False, ffn_topk=None, ffn_chunk_size=1024, max_len=None, memory_len=None):
         super().__init__()
         self.layers = nn.ModuleList(
-            Block(attention, role, d_model, n_heads, d_ff, dropout, norm_first, cross, ffn_topk, ffn_chunk_size,
-                  max_len)
+            Block(attention, role, d_model, n_heads, d_ff, dropout, norm_first=norm_first, cross=cross,
+                  ffn_topk=ffn_topk, ffn_chunk_size=ffn_chunk_size, max_len=max_len, memory_len=memory_len)
             for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
 
@@ -135,34 +150,35 @@ class Stack(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """Bidirectional encoder over tokens (or over precomputed features when vocab_size is None)."""
+    """Bidirectional encoder over tokens, or over inputs already embedded to d_model when ``vocab_size`` is None
+    (speech: ``attnlab.speech`` adds its subsampling front end and positions first)."""
 
-    def __init__(self, attention: Mapping, vocab_size: int | None, max_len: int, d_model: int = 256,
-                 n_layers: int = 4, n_heads: int = 8, d_ff: int | None = None, dropout: float = 0.1,
+    def __init__(self, attention: Mapping, vocab_size: int | None = None, max_len: int = 1024, d_model: int = 256,
+                 n_layers: int = 4, n_heads: int = 8, d_ff: int | None = None, dropout: float = 0.1, *,
                  norm_first: bool = True, positions: str = "sinusoidal", ffn_topk: int | None = None,
                  ffn_chunk_size: int = 1024):
         super().__init__()
-        self.embed = Embedding(vocab_size, d_model, max_len, positions, dropout) if vocab_size else None
-        self.stack = Stack(n_layers, "encoder", False, attention, d_model, n_heads, d_ff or 4 * d_model, dropout,
-                           norm_first, ffn_topk, ffn_chunk_size, max_len)
+        self.embed = Embedding(vocab_size, d_model, max_len, positions, dropout) if vocab_size else nn.Identity()
+        self.stack = Stack(n_layers, "encoder", attention, d_model, n_heads, d_ff or 4 * d_model, dropout,
+                           norm_first=norm_first, ffn_topk=ffn_topk, ffn_chunk_size=ffn_chunk_size, max_len=max_len)
 
     def forward(self, tokens, key_padding_mask=None):
-        x = self.embed(tokens) if self.embed is not None else tokens
-        return self.stack(x, key_padding_mask)
+        return self.stack(self.embed(tokens), key_padding_mask)
 
 
 class TransformerDecoder(nn.Module):
     """Causal decoder: a language model when ``cross=False``, the decoder of a seq2seq model when True."""
 
     def __init__(self, attention: Mapping, vocab_size: int, max_len: int, d_model: int = 256, n_layers: int = 4,
-                 n_heads: int = 8, d_ff: int | None = None, dropout: float = 0.1, norm_first: bool = True,
+                 n_heads: int = 8, d_ff: int | None = None, dropout: float = 0.1, *, norm_first: bool = True,
                  positions: str = "sinusoidal", tie_embeddings: bool = True, cross: bool = False,
-                 ffn_topk: int | None = None, ffn_chunk_size: int = 1024):
+                 ffn_topk: int | None = None, ffn_chunk_size: int = 1024, memory_len: int | None = None):
         super().__init__()
         self.vocab_size, self.max_len = vocab_size, max_len
         self.embed = Embedding(vocab_size, d_model, max_len, positions, dropout)
-        self.stack = Stack(n_layers, "decoder", cross, attention, d_model, n_heads, d_ff or 4 * d_model, dropout,
-                           norm_first, ffn_topk, ffn_chunk_size, max_len)
+        self.stack = Stack(n_layers, "decoder", attention, d_model, n_heads, d_ff or 4 * d_model, dropout,
+                           norm_first=norm_first, cross=cross, ffn_topk=ffn_topk, ffn_chunk_size=ffn_chunk_size,
+                           max_len=max_len, memory_len=memory_len)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.tok.weight
@@ -172,7 +188,7 @@ class TransformerDecoder(nn.Module):
         x = self.embed(tokens)
         return self.head(self.stack(x, key_padding_mask, memory, memory_padding_mask))
 
-    # -- incremental decoding ------------------------------------------------------------------------------
+    # -- incremental decoding (the model interface of attnlab.decoding) -------------------------------------
     def init_state(self, batch_size: int, memory=None, memory_padding_mask=None) -> dict:
         layers = []
         for layer in self.stack.layers:
@@ -190,43 +206,81 @@ class TransformerDecoder(nn.Module):
         state["pos"] += 1
         return self.head(self.stack.norm(x))[:, 0]
 
+    def prefill(self, tokens: torch.Tensor, state: dict, key_padding_mask=None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) for every position, each attention variant through its parallel
+        form where it has one; ``state`` advances in place to where T calls of ``step`` would take it.
+        ``key_padding_mask`` (B, T): padding tokens, kept out of the state (as ``step``'s ``pad``)."""
+        x = self.embed(tokens, start=state["pos"])
+        for layer, states in zip(self.stack.layers, state["layers"]):
+            x = layer.prefill(x, states, key_padding_mask)
+        state["pos"] += tokens.shape[1]
+        return self.head(self.stack.norm(x))
+
     @staticmethod
     def reorder_state(state: dict, index: torch.Tensor) -> dict:
         return {"layers": [[s.reorder(index) for s in states] for states in state["layers"]], "pos": state["pos"]}
 
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, n_new: int, temperature: float = 0.0, generator=None) -> torch.Tensor:
-        """Feed ``prefix`` (B, T0) through the recurrent form, then sample (or argmax if temperature=0)."""
-        state = self.init_state(prefix.shape[0])
-        for t in range(prefix.shape[1]):
-            logits = self.step(prefix[:, t], state)
-        out = [prefix]
-        for _ in range(n_new):
-            if temperature > 0:
-                nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
-            out.append(nxt[:, None])
-            logits = self.step(nxt, state)
-        return torch.cat(out, 1)
+        """Prefill ``prefix`` (B, T0 >= 1), then sample ``n_new`` tokens (argmax when temperature=0); returns
+        (B, T0 + n_new). No EOS handling: see ``attnlab.decoding`` for EOS, top-k / top-p and beam search."""
+        from .decoding import greedy, sample  # the decoding library imports nothing from here
+        if temperature > 0:
+            new = sample(self, prefix, n_new, temperature=temperature, generator=generator)
+        else:
+            new = greedy(self, prefix, n_new)
+        return torch.cat([prefix, new], 1)
 
 
 class TransformerSeq2Seq(nn.Module):
-    """Encoder-decoder; ``share_embeddings`` ties source, target and output embeddings (joint vocabulary)."""
+    """Encoder-decoder with separate length limits for source and target; ``share_embeddings`` ties source, target
+    and output embeddings (a joint vocabulary: ``src_vocab_size`` unset or equal to ``vocab_size``)."""
 
-    def __init__(self, attention: Mapping, vocab_size: int, max_len: int, d_model: int = 512,
-                 encoder_layers: int = 6, decoder_layers: int = 6, n_heads: int = 8, d_ff: int | None = None,
-                 dropout: float = 0.1, norm_first: bool = True, positions: str = "sinusoidal",
+    def __init__(self, attention: Mapping, vocab_size: int, max_source_len: int, max_target_len: int, *,
+                 d_model: int = 512, encoder_layers: int = 6, decoder_layers: int = 6, n_heads: int = 8,
+                 d_ff: int | None = None, dropout: float = 0.1, norm_first: bool = True, positions: str = "sinusoidal",
                  share_embeddings: bool = True, ffn_topk: int | None = None, ffn_chunk_size: int = 1024,
-                 src_vocab_size: int | None = None):
+                 src_vocab_size: int | None = None, pad_id: int | None = None):
         super().__init__()
-        self.encoder = TransformerEncoder(attention, src_vocab_size or vocab_size, max_len, d_model, encoder_layers,
-                                          n_heads, d_ff, dropout, norm_first, positions, ffn_topk, ffn_chunk_size)
-        self.decoder = TransformerDecoder(attention, vocab_size, max_len, d_model, decoder_layers, n_heads, d_ff,
-                                          dropout, norm_first, positions, True, True, ffn_topk, ffn_chunk_size)
-        if share_embeddings and not src_vocab_size:
+        src_vocab_size = src_vocab_size or vocab_size
+        if share_embeddings and src_vocab_size != vocab_size:
+            raise ValueError(f"share_embeddings needs one vocabulary, got source {src_vocab_size} and target "
+                             f"{vocab_size}. Fix: a joint dictionary, or `model.net.share_embeddings=false`.")
+        self.pad_id, self.max_source_len = pad_id, max_source_len
+        common = dict(attention=attention, d_model=d_model, n_heads=n_heads, d_ff=d_ff, dropout=dropout,
+                      norm_first=norm_first, positions=positions, ffn_topk=ffn_topk, ffn_chunk_size=ffn_chunk_size)
+        self.encoder = TransformerEncoder(vocab_size=src_vocab_size, max_len=max_source_len, n_layers=encoder_layers,
+                                          **common)
+        self.decoder = TransformerDecoder(vocab_size=vocab_size, max_len=max_target_len, n_layers=decoder_layers,
+                                          cross=True, memory_len=max_source_len, **common)
+        if share_embeddings:
             self.encoder.embed.tok.weight = self.decoder.embed.tok.weight
 
     def forward(self, src, tgt_in, src_padding_mask=None, tgt_padding_mask=None):
         memory = self.encoder(src, src_padding_mask)
         return self.decoder(tgt_in, tgt_padding_mask, memory, src_padding_mask)
+
+    # -- incremental decoding: encode once, then the decoder's state over that memory --------------------------
+    # Search: memory = model.encode(src, mask); attnlab.decoding.beam_search(model, bos_column, eos=..., memory=
+    # memory, memory_padding_mask=mask, src_len=src.shape[1]).
+    @property
+    def max_len(self) -> int:
+        return self.decoder.max_len
+
+    def encode(self, src: torch.Tensor, src_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """src (B, S) -> the encoder memory (B, S, d_model)."""
+        return self.encoder(src, src_padding_mask)
+
+    def init_state(self, batch_size: int, memory=None, memory_padding_mask=None) -> dict:
+        if memory is None:
+            raise ValueError("TransformerSeq2Seq.init_state needs the encoder memory: "
+                             "init_state(batch_size, model.encode(src, src_padding_mask), src_padding_mask)")
+        return self.decoder.init_state(batch_size, memory, memory_padding_mask)
+
+    def step(self, tokens: torch.Tensor, state: dict, pad=None) -> torch.Tensor:
+        return self.decoder.step(tokens, state, pad)
+
+    def prefill(self, tokens: torch.Tensor, state: dict, key_padding_mask=None) -> torch.Tensor:
+        return self.decoder.prefill(tokens, state, key_padding_mask)
+
+    reorder_state = staticmethod(TransformerDecoder.reorder_state)

@@ -90,7 +90,7 @@ def test_registry_errors_and_role_overrides():
     cfg = {"name": "linear", "eps": 1e-3, "dropout": 0.1, "cross": {"name": "softmax"}, "decoder": {"eps": 1e-4}}
     assert role_options(cfg, "decoder") == ("linear", {"eps": 1e-4, "dropout": 0.1})
     assert role_options(cfg, "cross") == ("softmax", {"dropout": 0.1})  # another variant: shared options only
-    model = TransformerSeq2Seq(cfg, vocab_size=11, max_len=16, d_model=16, encoder_layers=1, decoder_layers=1,
+    model = TransformerSeq2Seq(cfg, vocab_size=11, max_source_len=16, max_target_len=16, d_model=16, encoder_layers=1, decoder_layers=1,
                                n_heads=2)
     layer = model.decoder.stack.layers[0]
     assert (layer.self_attn.name, layer.cross_attn.name, model.encoder.stack.layers[0].self_attn.name) == \
@@ -119,7 +119,7 @@ def test_model_generate_matches_parallel_logits(name):
 def test_seq2seq_recurrent_matches_parallel_with_source_padding():
     torch.manual_seed(0)
     for name in ["softmax", "linear"]:
-        model = TransformerSeq2Seq({"name": name}, vocab_size=9, max_len=12, d_model=16, encoder_layers=1,
+        model = TransformerSeq2Seq({"name": name}, vocab_size=9, max_source_len=12, max_target_len=12, d_model=16, encoder_layers=1,
                                    decoder_layers=2, n_heads=2, dropout=0.0).double().eval()
         src, tgt = torch.randint(0, 9, (3, 7)), torch.randint(0, 9, (3, 5))
         src_mask = random_padding(3, 7, torch.Generator().manual_seed(1))
