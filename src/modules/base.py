@@ -15,6 +15,8 @@ Subclasses set ``batch_kind`` and implement ``training_loss(batch) -> (loss_sum,
 """
 from __future__ import annotations
 
+import warnings
+
 import hydra
 import pytorch_lightning as pl
 import torch
@@ -22,6 +24,9 @@ import torch.distributed as dist
 from torch import nn
 
 SPLITS = ("val", "test")
+# Epoch metrics are torchmetrics objects, reduced across processes in compute(): every rank logs the same value, so
+# Lightning's advice to add sync_dist=True (another all-reduce) does not apply.
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
 class BaseModule(pl.LightningModule):
