@@ -107,19 +107,26 @@ def test_ties_any_valid_choice(monkeypatch):
     q[:, :, :6] = 0                       # 40 tied scores: more than the 8 slots, refinement must break ties
     k[:, :, 20:30] = k[:, :, 10:11]
     topk, scale = 4, 0.25
-    out, P, I = chunk.topk_fwd(q, k, v, topk, False, None, scale)
     s = (q.double() @ k.double().transpose(-1, -2))[0, 0]
-    for i in range(20):
-        sel = I[0, 0, i].long()
-        n = topk
-        assert (sel >= 0).all() and sel.unique().numel() == n
-        rest = torch.ones(40, dtype=torch.bool)
-        rest[sel] = False
-        assert s[i, sel].min() >= s[i][rest].max() - 1e-5
-        p = torch.softmax(s[i, sel[:n]] * scale, 0)
-        torch.testing.assert_close(P[0, 0, i, :n].double(), p, atol=1e-6, rtol=0)
-        assert (P[0, 0, i, n:] == 0).all()
-        torch.testing.assert_close(out[0, 0, i].double(), p @ v[0, 0, sel[:n]].double(), atol=1e-5, rtol=0)
+    few = torch.ones(1, 40, dtype=torch.bool)
+    few[0, [3, 21, 25]] = False  # 3 visible keys (< topk), two of them tied: the 4th slot must stay empty
+    for kpm in (None, few):
+        out, P, I = chunk.topk_fwd(q, k, v, topk, False, kpm, scale)
+        visible = torch.ones(40, dtype=torch.bool) if kpm is None else ~kpm[0]
+        n = min(topk, int(visible.sum()))
+        for i in range(20):
+            sel = I[0, 0, i, :n].long()
+            assert (sel >= 0).all() and sel.unique().numel() == n and visible[sel].all()
+            rest = visible.clone()
+            rest[sel] = False
+            if rest.any():
+                assert s[i, sel].min() >= s[i][rest].max() - 1e-5
+            p = torch.softmax(s[i, sel] * scale, 0)
+            torch.testing.assert_close(P[0, 0, i, :n].double(), p, atol=1e-6, rtol=0)
+            # empty slots (only when fewer than topk keys are visible) carry no weight and no index
+            assert (P[0, 0, i, n:] == 0).all() and (I[0, 0, i, n:] == -1).all()
+            torch.testing.assert_close(out[0, 0, i].double(), p @ v[0, 0, sel].double(), atol=1e-5, rtol=0)
+        assert n < topk or kpm is None  # the padded case really has empty slots to check
 
 
 def test_sort_path_without_tl_topk(monkeypatch):
