@@ -220,6 +220,19 @@ class TransformerDecoder(nn.Module):
     def reorder_state(state: dict, index: torch.Tensor) -> dict:
         return {"layers": [[s.reorder(index) for s in states] for states in state["layers"]], "pos": state["pos"]}
 
+    def reserve_state(self, state: dict, length: int) -> dict:
+        """Preallocate every KV cache (softmax / top-k self-attention) for ``length`` positions in all, so that
+        decoding never grows it and its shapes stay fixed (CUDA graphs). The cache takes the dtype the projections
+        will produce: autocast's when autocast is on. Constant-size states are left alone."""
+        from .attention.softmax import reserve_cache
+        p = self.head.weight
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        like = p.new_empty(0, dtype=dtype)
+        for states in state["layers"]:
+            if "length" in states[0]:
+                reserve_cache(states[0], length, like)
+        return state
+
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, n_new: int, temperature: float = 0.0, generator=None) -> torch.Tensor:
         """Prefill ``prefix`` (B, T0 >= 1), then sample ``n_new`` tokens (argmax when temperature=0); returns
@@ -284,3 +297,6 @@ class TransformerSeq2Seq(nn.Module):
         return self.decoder.prefill(tokens, state, key_padding_mask)
 
     reorder_state = staticmethod(TransformerDecoder.reorder_state)
+
+    def reserve_state(self, state: dict, length: int) -> dict:
+        return self.decoder.reserve_state(state, length)

@@ -11,6 +11,7 @@ It owns its projections (MemSizer, for one, has no key projection at all), so th
     y = attn(x, memory=None, key_padding_mask=None)            # parallel (training) form
     state = attn.init_state(batch_size, memory=..., memory_padding_mask=...)
     y_t, state = attn.step(x_t, state, pad=None)                # incremental (decoding) form
+    y, state = attn.prefill(x, state, key_padding_mask=None)    # a prompt at once: = stepping through it
     state = state.reorder(beam_index)                           # beam search
 
 Masks follow ``torch.nn.MultiheadAttention``: a boolean ``key_padding_mask`` of shape (B, S), True where the
@@ -77,8 +78,24 @@ class Attention(nn.Module):
 
     def step(self, x: torch.Tensor, state: State, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         """One new token ``x`` of shape (B, 1, D). ``pad`` (B,) marks rows whose token is padding: their key is
-        not added to the state (their output is still computed, and ignored by the caller)."""
+        not added to the state (their output is still computed, and ignored by the caller). The state passed in
+        may be updated in place (softmax's preallocated KV cache is): use the returned one, and branch with
+        ``reorder``, which copies."""
         raise NotImplementedError
+
+    def prefill(self, x: torch.Tensor, state: State, key_padding_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, State]:
+        """Feed a whole prompt ``x`` (B, T, D) at once: its T outputs and the state that stepping through it token
+        by token would reach (``key_padding_mask`` (B, T) as ``step``'s ``pad``, per position). ``state`` comes
+        from ``init_state`` or earlier steps; like ``step``, the state passed in may be updated in place, so use
+        the returned one. This default is that step loop; variants with a parallel form override it to compute
+        the prompt in one pass (same numbers, up to rounding)."""
+        B, T, _ = x.shape
+        ys, kpm = [], key_padding_mask
+        for t in range(T):
+            y, state = self.step(x[:, t:t + 1], state, pad=None if kpm is None else kpm[:, t])
+            ys.append(y)
+        return (torch.cat(ys, 1) if ys else x.new_zeros(B, 0, self.d_model)), state
 
     # -- shared checks ----------------------------------------------------------------------------------------
     def check_inputs(self, x: torch.Tensor, memory: torch.Tensor | None, key_padding_mask: torch.Tensor | None):
@@ -103,8 +120,8 @@ class Attention(nn.Module):
 
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, T, H*d) -> (B, H, T, d)."""
-        B, T, _ = t.shape
-        return t.view(B, T, self.n_heads, -1).transpose(1, 2)
+        B, T, D = t.shape
+        return t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
 
     @staticmethod
     def merge_heads(t: torch.Tensor) -> torch.Tensor:

@@ -42,10 +42,14 @@ class LinearAttention(Attention):
         src = x if memory is None else memory
         (q, fmap), (k, _) = self.features(self.split_heads(self.q_proj(x)), True), \
             self.features(self.split_heads(self.k_proj(src)), False)
-        v = self.split_heads(self.v_proj(src)).to(q.dtype)
+        v = self.split_heads(self.v_proj(src))
+        amp = torch.is_autocast_enabled(x.device.type)
+        if not amp:  # under autocast the op takes q, k, v in the autocast dtype itself (kernels/__init__.py)
+            v = v.to(q.dtype)
         y = linear_attention(q, k, v, causal=self.causal, eps=self.eps, feature_map=fmap,
                              key_padding_mask=key_padding_mask, backend=self.backend)
-        return self.out_proj(self.merge_heads(y).to(x.dtype))
+        # under autocast y is already in the dtype out_proj computes in: no round trip through float32
+        return self.out_proj(self.merge_heads(y) if amp else self.merge_heads(y).to(x.dtype))
 
     def init_state(self, batch_size, memory=None, memory_padding_mask=None):
         if self.role == "cross":  # the source summary is computed once: S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j)
@@ -75,3 +79,27 @@ class LinearAttention(Attention):
                                             write=None if pad is None else ~pad, backend=self.backend)
             state = State(S=S, z=z)
         return self.out_proj(y.to(x.dtype).unsqueeze(1).flatten(2)), state
+
+    def prefill(self, x, state, key_padding_mask=None):
+        """A prompt through the parallel (chunked / Triton) op; the state after it is a plain reduction over the
+        prompt: S += sum_j phi(k_j) v_j^T, z += sum_j phi(k_j) (padding left out), summed in the state's dtype."""
+        q = self.split_heads(self.q_proj(x))
+        if self.role == "cross":  # the T queries read the source summary at once
+            qf = self.mapped(q, True)
+            num = torch.einsum("bhtm,bhme->bhte", qf, state["S"].to(qf.dtype))
+            y = num / (torch.einsum("bhtm,bhm->bht", qf, state["z"].to(qf.dtype)).unsqueeze(-1) + self.eps)
+            return self.out_proj(self.merge_heads(y).to(x.dtype)), state
+        if x.shape[1] == 0 or bool(state["z"].any()):  # a state holding keys: the op takes no initial state, so step
+            return super().prefill(x, state, key_padding_mask)
+        (q, fmap), (k, _) = self.features(q, True), self.features(self.split_heads(self.k_proj(x)), False)
+        v = self.split_heads(self.v_proj(x))
+        amp = torch.is_autocast_enabled(x.device.type)
+        y = linear_attention(q, k, v if amp else v.to(q.dtype), causal=True, eps=self.eps, feature_map=fmap,
+                             key_padding_mask=key_padding_mask, backend=self.backend)  # as in forward
+        S, z = state["S"], state["z"]
+        with torch.autocast(x.device.type, enabled=False):
+            k = feature(k.to(S.dtype), fmap)
+            if key_padding_mask is not None:
+                k = k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+            S, z = S + torch.einsum("bhtm,bhte->bhme", k, v.to(S.dtype)), z + k.sum(2)
+        return self.out_proj(self.merge_heads(y) if amp else self.merge_heads(y).to(x.dtype)), State(S=S, z=z)

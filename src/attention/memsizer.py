@@ -102,5 +102,27 @@ class MemSizerAttention(Attention):
                                     write=None if pad is None else ~pad, backend=self.backend)
         return y[:, None], State(S=S, count=count)
 
+    def prefill(self, x, state, key_padding_mask=None):
+        """A prompt through the parallel (chunked / Triton) read-out; the state after it is a plain reduction:
+        S += sum_j a_j v_j^T and count += the prompt's non-padded tokens."""
+        if self.role == "decoder":
+            self.check_inputs(x, None, key_padding_mask)
+        p = self.slots(x)
+        if self.role == "cross":  # the T queries read the source memory at once
+            return torch.einsum("btk,bkd->btd", p, state["M"].to(p.dtype)), state
+        if x.shape[1] == 0 or bool(state["count"].any()):  # a state holding keys: the op takes none, so step
+            return super().prefill(x, state, key_padding_mask)
+        a, v = self.values(x)
+        y = memsizer(p, a, v, True, key_padding_mask=key_padding_mask, backend=self.backend)
+        if key_padding_mask is None:
+            n = torch.full_like(state["count"], x.shape[1])
+        else:
+            a = a.masked_fill(key_padding_mask[..., None], 0.0)
+            n = (~key_padding_mask).sum(1).to(state["count"].dtype)
+        S = state["S"]
+        with torch.autocast(x.device.type, enabled=False):  # the state is summed in its own dtype
+            S = S + torch.einsum("btk,btd->bkd", a.to(S.dtype), v.to(S.dtype))
+        return y, State(S=S, count=state["count"] + n)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}"

@@ -166,6 +166,27 @@ class ReformerAttention(Attention):
         y = p.unsqueeze(-2) @ state["v"]  # (B, H, 1, d)
         return self.out_proj(self.merge_heads(y)), state
 
+    def prefill(self, x, state, key_padding_mask=None):
+        """A prompt at once, with exactly ``step``'s rule (dense over the cache, not the chunked parallel form,
+        which agrees only when no bucket spills over its chunk window): the cache gains the prompt's unit keys,
+        values, bucket ids and padding."""
+        B, T, _ = x.shape
+        q, v = self.split_heads(self.qk_proj(x)), self.split_heads(self.v_proj(x))  # (B, H, T, d)
+        kn = F.normalize(q, dim=-1)
+        b = self.hash(kn).transpose(2, 3)  # (B, H, T, R), the saved rotations as in step
+        pad = key_padding_mask if key_padding_mask is not None else torch.zeros(B, T, dtype=torch.bool,
+                                                                                device=x.device)
+        n0 = state["kn"].shape[2]
+        state = State(kn=torch.cat([state["kn"], kn], 2), v=torch.cat([state["v"], v], 2),
+                      buckets=torch.cat([state["buckets"], b], 2), pad=torch.cat([state["pad"], pad], 1))
+        kpos, qpos = torch.arange(n0 + T, device=x.device), torch.arange(n0, n0 + T, device=x.device)
+        is_self = kpos[None, :] == qpos[:, None]  # (T, n0 + T)
+        shared = (b[:, :, :, None, :] == state["buckets"][:, :, None, :, :]).any(-1)  # (B, H, T, n0 + T)
+        allowed = shared & (~state["pad"][:, None, None, :] | is_self) & (kpos[None, :] <= qpos[:, None])
+        s = (q @ state["kn"].transpose(-1, -2)) * self.head_dim ** -0.5 - SELF_PENALTY * is_self.to(q.dtype)
+        y = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ state["v"]
+        return self.out_proj(self.merge_heads(y)), state
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, n_hashes={self.n_hashes}, n_buckets={self.n_buckets}, "
                 f"chunk_size={self.chunk_size}, redraw={self.redraw}")

@@ -11,7 +11,7 @@ from attnlab.kernels.topk_attn import topk_attention
 
 from . import register
 from .base import ConfigError
-from .softmax import SoftmaxAttention
+from .softmax import SoftmaxAttention, cached_kv
 
 
 @register("topk")
@@ -37,12 +37,24 @@ class TopkAttention(SoftmaxAttention):
                            dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         return self.out_proj(self.merge_heads(y))
 
-    # init_state is SoftmaxAttention's: the KV cache (k, v, pad) of the source or of the tokens so far.
+    # init_state is SoftmaxAttention's: the KV cache (k, v, pad, length) of the tokens so far, or of the source.
     def step(self, x, state, pad=None):
         q = self.split_heads(self.q_proj(x))
-        state = self.append_kv(x, state, pad)
+        state = self.append_kv(x, state, None if pad is None else pad[:, None])
+        k, v, kpad = cached_kv(state)
         # the cache holds only visible keys (past + current), so no causal mask: top-k over the whole cache
-        y = topk_attention(q, state["k"], state["v"], self.topk, False, state["pad"], chunk_size=self.chunk_size,
+        y = topk_attention(q, k.to(q.dtype), v.to(q.dtype), self.topk, False, kpad, chunk_size=self.chunk_size,
+                           backend=self.backend)
+        return self.out_proj(self.merge_heads(y)), state
+
+    def prefill(self, x, state, key_padding_mask=None):
+        if self.role != "decoder":  # cross: the T queries read the source at once; the state is read-only
+            return self.step(x, state)
+        q = self.split_heads(self.q_proj(x))
+        state = self.append_kv(x, state, key_padding_mask)
+        k, v, kpad = cached_kv(state)
+        # causal with S >= T keys: query i sits at key position i + S - T, after what the cache held before
+        y = topk_attention(q, k.to(q.dtype), v.to(q.dtype), self.topk, True, kpad, chunk_size=self.chunk_size,
                            backend=self.backend)
         return self.out_proj(self.merge_heads(y)), state
 
