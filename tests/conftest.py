@@ -4,11 +4,15 @@ from pathlib import Path
 # The Triton kernels are tested on the CPU by Triton's interpreter. It must be on before Triton is first imported
 # (Triton and @triton.jit choose the interpreter at that moment), hence here, ahead of every test module.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# One thread per process: the shapes are tiny, and the tests that launch `train.py` (2-process DDP, sweeps) would
+# otherwise oversubscribe the 2-core CI machine many times over (measured: 15x more wall time under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
