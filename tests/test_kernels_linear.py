@@ -131,3 +131,23 @@ def test_module_parallel_vs_recurrent_on_triton():
     torch.manual_seed(0)
     attn = LinearAttention(16, 2, "decoder", backend="triton")
     assert parallel_vs_recurrent(attn, B=3, T=9, dtype=torch.float32) < 1e-5
+
+
+def test_custom_op_passes_opcheck():
+    """attnlab::linear_attn_fwd is a torch.library custom op (so torch.compile / CUDA graphs take it): schema,
+    fake implementation (shapes of the saved run states too), registered autograd and AOT dispatch, here on the
+    interpreter. Causal with padding and 2 runs (the fake must predict the S0 / z0 shapes), and bidirectional."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 20, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    mask[0, -3:] = True
+    torch.library.opcheck(function.linear_attn_fwd, (q, k, v, None, False, 1e-6, True))
+    old = dict(chunk.CONFIG)
+    try:
+        chunk.CONFIG.update(BT=64, programs=4, run_min_chunks=0)
+        q2, k2, v2 = (torch.randn(1, 2, 130, 8, generator=g, requires_grad=True) for _ in range(3))
+        assert chunk.fwd_runs(q2, k2, v2, True) == 2
+        torch.library.opcheck(function.linear_attn_fwd, (q2, k2, v2, None, True, 1e-6, True),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    finally:
+        chunk.CONFIG.update(old)

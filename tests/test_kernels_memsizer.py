@@ -108,3 +108,10 @@ def test_module_parallel_vs_recurrent_on_triton():
     torch.manual_seed(0)
     attn = MemSizerAttention(16, 2, "decoder", k=4, backend="triton")
     assert parallel_vs_recurrent(attn, B=3, T=9, dtype=torch.float32) < 1e-5
+
+
+def test_custom_op_passes_opcheck():
+    """attnlab::memsizer_fwd: schema, fake implementation, registered autograd and AOT dispatch (interpreter)."""
+    g = torch.Generator().manual_seed(8)
+    p, a, v = inputs(2, 20, 20, 4, 12, torch.float32, g)
+    torch.library.opcheck(function.memsizer_fwd, (p, a, v, None, True))

@@ -25,9 +25,13 @@ dnum ~ 1/t; exact fp32 for fp32 inputs); accumulation is always float32.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
+
+from ..fit import NoFit, fit_chunk, is_oor, smem_limit
 
 # Picked on an H100 by bench/check_kernels_gpu.py (numbers in kernels/NOTES.md). BV: the dv-tile, at least "BV"
 # and up to "state" / BK (a narrow d, MemSizer's k slots, gets a wider tile, so fewer dq/dk partials). Causal runs:
@@ -36,6 +40,7 @@ import triton.language as tl
 # more than they save), with "run_bwd_warps" warps in the backward. stages=1 crashed (illegal address) on Triton 3.6.
 CONFIG = {"BT": 64, "BV": 64, "state": 4096, "fwd_warps": 4, "bwd_warps": 8, "stages": 2,
           "programs": 2112, "run_min_chunks": 128, "run_bwd_warps": 4}
+GROUPS = {"fwd": ("state", "fwd"), "bwd": ("bwd_q", "bwd_kv")}  # kernels launched together share one dv-tile
 
 
 @triton.jit
@@ -360,36 +365,88 @@ def _bhtd_empty(B, H, T, d, like):
     return torch.empty(B, T, H, d, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
-def _meta(q, k, v, mask):
+# Run-time caps on the dv-tile, learned when a launch still ran out of resources (see _shrink): keyed by the
+# kernel group, head widths, input bytes and device.
+_BV_CAP: dict = {}
+
+
+def _fit(q, DK, DV, group, warps):
+    """Tiles for one group. The chunk length is chosen for all four kernels at once: the backward must cut a
+    causal sequence into the same runs as the forward did."""
+    key = (group, DK, DV, q.element_size(), str(q.device))
+    opts = dict(BV_pref=CONFIG["BV"], state=CONFIG["state"], warps=warps, stages=CONFIG["stages"])
+    smem = smem_limit(q.device)
+    bt = fit_chunk(GROUPS["fwd"] + GROUPS["bwd"], DK, DV, q.element_size(), smem,
+                   BT=(CONFIG["BT"], CONFIG["BT"] // 2), **opts)["BT"]
+    return fit_chunk(GROUPS[group], DK, DV, q.element_size(), smem, BT=(bt,), bv_cap=_BV_CAP.get(key), **opts), key
+
+
+def fwd_runs(q, k, v, causal) -> int:
+    """How many start states chunk_fwd returns in S0 / z0 (0: none): for fake tensors (torch.compile) without
+    launching anything. Mirrors chunk_fwd. (int(): under dynamic shapes the count depends on the sizes, so the
+    compiled graph specializes on them.)"""
+    B, H, T, DK = (int(n) for n in q.shape)
+    DV = int(v.shape[3])
+    if DK > 256:
+        raise NoFit(f"linear attention kernel: head dim d={DK} > 256 is not supported; use backend='torch'")
+    cfg, _ = _fit(q, DK, DV, "fwd", CONFIG["fwd_warps"])
+    NV = triton.cdiv(DV, cfg["BV"])
+    ns = _splits(B, H, NV, T, causal, cfg["BT"])
+    return 1 if not causal else (ns if ns > 1 else 0)
+
+
+def _meta(q, k, v, mask, group, warps):
+    """Shapes and the launch configuration of one kernel group ("fwd": state + forward, "bwd": both backward
+    kernels), fitted to the device's shared memory and the register budget (kernels/fit.py)."""
     B, H, T, DK = q.shape
     S, DV = k.shape[2], v.shape[3]
     if DK > 256:
-        raise ValueError(f"linear attention kernel: head dim d={DK} > 256 is not supported; use backend='torch'")
+        raise NoFit(f"linear attention kernel: head dim d={DK} > 256 is not supported; use backend='torch'")
     lowp = 0 if q.dtype != torch.bfloat16 else (1 if q.is_cuda else 2)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    BK = max(16, triton.next_power_of_2(DK))
-    BV = min(max(16, triton.next_power_of_2(DV)), max(CONFIG["BV"], CONFIG["state"] // BK))
+    cfg, key = _fit(q, DK, DV, group, warps)
+    BK, BV = cfg["BK"], cfg["BV"]
     if max(T, S) * max(q.stride(2), k.stride(2), v.stride(2), H * max(DK, DV)) >= 2 ** 31:
         raise ValueError(f"linear attention kernel: sequence too long for int32 offsets (T={T}, S={S}); split it")
     m = mask.view(torch.uint8) if mask is not None else q  # dummy pointer when there is no mask
     smb = mask.stride(0) if mask is not None else 0
-    common = dict(DK=DK, DV=DV, BT=CONFIG["BT"], BK=BK, BV=BV, HAS_MASK=mask is not None, LOWP=lowp, PREC=prec)
-    return B, H, T, S, DK, DV, triton.cdiv(DV, BV), m, smb, common
-
-
-def _launch(kind, run=False):
-    """Launch options: warps, pipeline stages, and a register cap only when CONFIG sets one."""
-    opts = dict(num_warps=CONFIG["run_bwd_warps" if run and kind == "bwd" else kind + "_warps"],
-                num_stages=CONFIG["stages"])
+    common = dict(DK=DK, DV=DV, BT=cfg["BT"], BK=BK, BV=BV, HAS_MASK=mask is not None, LOWP=lowp, PREC=prec)
+    opts = dict(num_warps=cfg["warps"], num_stages=cfg["stages"])
     if CONFIG.get("maxnreg"):
         opts["maxnreg"] = CONFIG["maxnreg"]
-    return opts
+    return B, H, T, S, DK, DV, triton.cdiv(DV, BV), m, smb, common, opts, key
 
 
-def _splits(B, H, NV, n_rows, causal):
+def _retry(fn):
+    """Run a launcher; if a launch still runs out of resources although the estimate said it fits (another
+    compiler version), cap that group's dv-tile at half and run it again. Nothing was written by the failed
+    launch: Triton checks resources before launching."""
+    def wrapped(*args, **kwargs):
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - only OutOfResources is retried, the rest re-raised
+                info = getattr(err, "_attnlab_group", None)
+                if not is_oor(err) or info is None or info[1] <= 16:
+                    raise
+                key, BV = info
+                _BV_CAP[key] = BV // 2
+                warnings.warn(f"linear attention kernels {key}: {err}; retrying with dv-tile {BV // 2} "
+                              f"(kernels/fit.py's estimate was too low for this compiler)")
+    wrapped.__doc__ = fn.__doc__
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+def _tag(err, key, BV):
+    err._attnlab_group = (key, BV)
+    return err
+
+
+def _splits(B, H, NV, n_rows, causal, BT):
     """Runs per (b, h, dv-tile): enough programs to fill the GPU. Bidirectional runs cost nothing extra (partial
     sums); causal ones need a pass over k, v for the run states, so only long sequences are split."""
-    chunks = triton.cdiv(n_rows, CONFIG["BT"])
+    chunks = triton.cdiv(n_rows, BT)
     if causal and chunks < CONFIG["run_min_chunks"]:
         return 1
     target = CONFIG["programs"] if causal else 4 * 132
@@ -407,37 +464,56 @@ def _suffix(x):
     return torch.cat([x[1:].flip(0).cumsum(0).flip(0), torch.zeros_like(x[:1])])
 
 
+@_retry
 def chunk_fwd(q, k, v, *, causal, elu1, norm, eps=1e-6, scale=None, mask=None):
     """Returns (o, r, S0, z0): o (B, H, T, dv) in q's dtype; r (B*H, T) float32 = 1/(den+eps) when norm (else the
     given scale, or None); S0, z0 (runs, B*H, d, dv) / (runs, B*H, d) float32 the states each run starts from
     (bidirectional: one, the total; causal without runs: None), saved for the backward."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    B, H, T, S, DK, DV, NV, m, smb, common = _meta(q, k, v, mask)
+    B, H, T, S, DK, DV, NV, m, smb, common, opts, key = _meta(q, k, v, mask, "fwd", CONFIG["fwd_warps"])
+    try:
+        return _fwd(q, k, v, causal, elu1, norm, eps, scale, B, H, T, S, DK, DV, NV, m, smb, common, opts)
+    except Exception as err:
+        raise _tag(err, key, common["BV"])
+
+
+def _fwd(q, k, v, causal, elu1, norm, eps, scale, B, H, T, S, DK, DV, NV, m, smb, common, opts):
     dev, f32 = q.device, torch.float32
     o = _bhtd_empty(B, H, T, DV, q)
     r = torch.empty(B * H, T, device=dev, dtype=f32) if norm else scale
-    ns = _splits(B, H, NV, T, causal)
+    ns = _splits(B, H, NV, T, causal, common["BT"])
     S0 = z0 = None
     if not causal or ns > 1:
-        nk = ns if causal else _splits(B, H, NV, S, False)
+        nk = ns if causal else _splits(B, H, NV, S, False, common["BT"])
         Sp = torch.empty(nk, B * H, DK, DV, device=dev, dtype=f32)
         zp = torch.empty(nk, B * H, DK, device=dev, dtype=f32)
         _state_kernel[(NV, B * H, nk)](k, v, m, Sp, zp, S, H, *k.stride()[:3], *v.stride()[:3], smb,
-                                       ELU1=elu1, **common, **_launch("fwd"))
+                                       ELU1=elu1, **common, **opts)
         S0, z0 = (_prefix(Sp), _prefix(zp)) if causal else (Sp.sum(0, keepdim=True), zp.sum(0, keepdim=True))
     run = S0 is not None and S0.shape[0] > 1  # per-run start states; else one shared (or none)
     _fwd_kernel[(NV, B * H, ns)](q, k, v, o, q if S0 is None else S0, q if z0 is None else z0,
                                  q if r is None else r, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                  *o.stride()[:3], smb, S0.stride(0) if run else 0, z0.stride(0) if run else 0, eps,
                                  CAUSAL=causal, HAS_S0=S0 is not None, ELU1=elu1, NORM=norm, SCALE=scale is not None,
-                                 **common, **_launch("fwd"))
+                                 **common, **opts)
     return o, r, S0, z0
 
 
+@_retry
 def chunk_bwd(q, k, v, o, do, r, S0, z0, *, causal, elu1, norm, scale=False, mask=None):
     """Gradients (dq, dk, dv) of chunk_fwd's o, given what it returned. ``scale``: r is a given row scale."""
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
-    B, H, T, S, DK, DV, NV, m, smb, common = _meta(q, k, v, mask)
+    run = causal and S0 is not None and S0.shape[0] > 1
+    B, H, T, S, DK, DV, NV, m, smb, common, opts, key = _meta(q, k, v, mask, "bwd",
+                                                             CONFIG["run_bwd_warps" if run else "bwd_warps"])
+    try:
+        return _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, DV, NV, m, smb, common,
+                    opts)
+    except Exception as err:
+        raise _tag(err, key, common["BV"])
+
+
+def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, DV, NV, m, smb, common, opts):
     dev, f32 = q.device, torch.float32
     # dq / dk: straight into q/k-shaped tensors when one dv-tile covers dv, else float32 partials per tile
     dq = torch.empty_like(q) if NV == 1 else torch.empty(NV, B, H, T, DK, device=dev, dtype=f32)
@@ -450,7 +526,7 @@ def chunk_bwd(q, k, v, o, do, r, S0, z0, *, causal, elu1, norm, scale=False, mas
     if norm and not inline:  # several dv-tiles: the row dot product needs the whole row, so do it here
         dd.copy_((-(r.view(B, H, T) * (do.float() * o.float()).sum(-1))).reshape(B * H, T))
     # runs: causal must reuse the forward's (S0 holds their start states); bidirectional picks its own
-    ns_q = (S0.shape[0] if S0 is not None else 1) if causal else _splits(B, H, NV, T, False)
+    ns_q = (S0.shape[0] if S0 is not None else 1) if causal else _splits(B, H, NV, T, False, common["BT"])
     run = causal and ns_q > 1
     acc_r = not causal or run
     Rp = Wp = q
@@ -464,16 +540,15 @@ def chunk_bwd(q, k, v, o, do, r, S0, z0, *, causal, elu1, norm, scale=False, mas
                                      *o_.stride()[:3], *do.stride()[:3], *gq, smb,
                                      S0.stride(0) if run else 0, z0.stride(0) if run else 0,
                                      CAUSAL=causal, HAS_S0=S0 is not None, ACC_R=acc_r, ELU1=elu1, NORM=norm,
-                                     SCALE=scale, DDEN_INLINE=inline, **common, **_launch("bwd", run))
+                                     SCALE=scale, DDEN_INLINE=inline, **common, **opts)
     R0 = W0 = q
     if acc_r:
         R0, W0 = (_suffix(Rp), _suffix(Wp)) if causal else (Rp.sum(0, keepdim=True), Wp.sum(0, keepdim=True))
-    ns_k = ns_q if causal else _splits(B, H, NV, S, False)
+    ns_k = ns_q if causal else _splits(B, H, NV, S, False, common["BT"])
     _bwd_kv_kernel[(NV, B * H, ns_k)](q, k, v, do, dk, dv, R0, W0, rr, dd, m, S, T, H, *q.stride()[:3],
                                       *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gk, *dv.stride()[:3], smb,
                                       R0.stride(0) if run else 0, W0.stride(0) if run else 0,
-                                      CAUSAL=causal, HAS_R0=acc_r, ELU1=elu1, NORM=norm, SCALE=scale, **common,
-                                      **_launch("bwd", run))
+                                      CAUSAL=causal, HAS_R0=acc_r, ELU1=elu1, NORM=norm, SCALE=scale, **common, **opts)
     if NV > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
     return dq, dk, dv

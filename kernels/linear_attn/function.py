@@ -1,29 +1,75 @@
-"""Linear attention through the chunked Triton kernels (kernels/linear_attn/chunk.py), with autograd."""
+"""Linear attention through the chunked Triton kernels (kernels/linear_attn/chunk.py), as custom ops with autograd.
+
+``attnlab::linear_attn_fwd`` / ``attnlab::linear_attn_bwd`` are ``torch.library`` custom ops with fake (meta)
+implementations and a registered autograd formula, so ``torch.compile`` traces through the model without a graph
+break and CUDA graphs can capture them (the launchers allocate only through torch and never sync)."""
 from __future__ import annotations
 
 import torch
 
-from .chunk import chunk_bwd, chunk_fwd
+from .chunk import chunk_bwd, chunk_fwd, fwd_runs
 from .reference import linear_attention_chunked_torch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class LinearAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mask, causal, eps, elu1):
-        o, r, S0, z0 = chunk_fwd(q, k, v, causal=causal, elu1=elu1, norm=True, eps=eps, mask=mask)
-        # saved: inputs, output, r = 1/(den+eps) (T floats per head) and the bidirectional state (d x dv per head);
-        # the backward recomputes features, scores and the causal scan states
-        ctx.save_for_backward(q, k, v, o, r, S0, z0, mask)
-        ctx.causal, ctx.elu1 = causal, elu1
-        return o
+def _none(t):
+    return None if t.numel() == 0 else t
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, r, S0, z0, mask = ctx.saved_tensors
-        dq, dk, dv = chunk_bwd(q, k, v, o, do, r, S0, z0, causal=ctx.causal, elu1=ctx.elu1, norm=True, mask=mask)
-        return dq, dk, dv, None, None, None, None
+
+@torch.library.custom_op("attnlab::linear_attn_fwd", mutates_args=())
+def linear_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                    eps: float, elu1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, r, S0, z0): see chunk_fwd; a missing S0 / z0 is an empty tensor (custom ops return tensors only)."""
+    o, r, S0, z0 = chunk_fwd(q, k, v, causal=causal, elu1=elu1, norm=True, eps=eps, mask=mask)
+    if S0 is None:
+        S0, z0 = r.new_empty(0), r.new_empty(0)
+    return o, r, S0, z0
+
+
+@linear_attn_fwd.register_fake
+def _(q, k, v, mask, causal, eps, elu1):
+    B, H, T, DK = q.shape
+    DV = v.shape[3]
+    o = q.new_empty(B, T, H, DV).transpose(1, 2)  # chunk_fwd's layout: merge_heads is free
+    r = q.new_empty(B * H, T, dtype=torch.float32)
+    n = fwd_runs(q, k, v, causal)
+    if n == 0:
+        return o, r, r.new_empty(0), r.new_empty(0)
+    return o, r, r.new_empty(n, B * H, DK, DV), r.new_empty(n, B * H, DK)
+
+
+@torch.library.custom_op("attnlab::linear_attn_bwd", mutates_args=())
+def linear_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
+                    r: torch.Tensor, S0: torch.Tensor, z0: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                    elu1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = chunk_bwd(q, k, v, o, do, r, _none(S0), _none(z0), causal=causal, elu1=elu1, norm=True, mask=mask)
+    # one layout whatever the dv-tiling chose, so the fake implementation can promise it
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@linear_attn_bwd.register_fake
+def _(q, k, v, o, do, r, S0, z0, mask, causal, elu1):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, mask, causal, eps, elu1 = inputs
+    o, r, S0, z0 = output
+    # saved: inputs, output, r = 1/(den+eps) (T floats per head) and the run start states (d x dv per head and
+    # run); the backward recomputes features, scores and the causal scan states
+    ctx.save_for_backward(q, k, v, o, r, S0, z0, mask)
+    ctx.causal, ctx.elu1 = causal, elu1
+
+
+def _backward(ctx, do, dr, dS0, dz0):
+    q, k, v, o, r, S0, z0, mask = ctx.saved_tensors
+    dq, dk, dv = linear_attn_bwd(q, k, v, o, do, r, S0, z0, mask, ctx.causal, ctx.elu1)
+    return dq, dk, dv, None, None, None, None
+
+
+linear_attn_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def check_qkv(q, k, v, causal, key_padding_mask, name="linear_attention_triton"):
@@ -58,4 +104,4 @@ def linear_attention_triton(q, k, v, causal: bool = True, eps: float = 1e-6, fea
         return linear_attention_chunked_torch(q, k, v, causal, eps, feature_map, key_padding_mask)
     if q.dtype not in DTYPES:
         raise TypeError(f"linear_attention_triton: dtype {q.dtype} is not supported; use float32, bfloat16 or float16")
-    return LinearAttentionFn.apply(q, k, v, key_padding_mask, bool(causal), float(eps), feature_map == "elu1")
+    return linear_attn_fwd(q, k, v, key_padding_mask, bool(causal), float(eps), feature_map == "elu1")[0]

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fit import fit_topk, smem_limit
+
 # BM query rows per forward tile, BN keys per score tile (= number of groups, >= k), CAP candidate slots per
 # row (>= 2k), BS rows per selection step; BMB / BMG query rows and KC slots per step of the backward / output
 # gather. fast: the GPU-only sweep 2 (see _candidates). Tuned on an H100 by bench/check_topk_gpu.py (NOTES.md).
@@ -346,8 +348,10 @@ def topk_fwd(q, k, v, topk, causal, key_padding_mask, scale):
     B, H, T, DK = q.shape
     S, DV = k.shape[2], v.shape[3]
     KP = triton.next_power_of_2(topk)
-    BM, BS = CONFIG["BM"], CONFIG["BS"]
-    BN = max(CONFIG["BN"], KP)                 # groups >= k, or tau would not exist
+    # BN >= k (groups >= k, or tau would not exist); BM and stages shrink until the tiles fit the device
+    fit = fit_topk(DK, KP, q.element_size(), smem_limit(q.device), BM=CONFIG["BM"], BN=CONFIG["BN"],
+                   stages=CONFIG["fwd_stages"])
+    BM, BN, BS = fit["BM"], fit["BN"], CONFIG["BS"]
     CAP = max(CONFIG["CAP"], 2 * KP)           # > k so a refinement always makes progress
     BS = min(BS, BM, max(1, 4096 // CAP))      # the sort holds BS x CAP int64 keys in registers
     NM = triton.cdiv(T, BM)
@@ -375,7 +379,7 @@ def topk_fwd(q, k, v, topk, causal, key_padding_mask, scale):
         KK=topk, KP=KP, BM=BM, BN=BN, CAP=CAP, BS=BS, DP=_pow2(DK), CAUSAL=causal,
         HAS_PAD=key_padding_mask is not None, PREC=prec, UPCAST=upcast, USE_TOPK=HAS_TOPK,
         W=KP if HAS_TOPK else CAP, GW=KP if HAS_TOPK else BN, FAST=q.is_cuda and CONFIG["fast"], STOP=stop,
-        num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["fwd_stages"])
+        num_warps=CONFIG["fwd_warps"], num_stages=fit["stages"])
     if stop == 0:
         _out_kernel[(triton.cdiv(T, CONFIG["BMG"]), B * H)](
             v, P, I, out, T, H, DV, *v.stride()[:3], *out.stride()[:3],

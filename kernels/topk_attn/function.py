@@ -1,4 +1,4 @@
-"""Autograd wrapper of the fused Triton top-k attention kernels (kernels/topk_attn/chunk.py).
+"""The fused Triton top-k attention kernels (kernels/topk_attn/chunk.py) as custom ops with autograd.
 
 Saved for backward: q, k, v, the output, and per query the top-k softmax weights P (float32) and key indices I
 (int32): O(T * k), no score matrix. The backward writes dQ directly and scatters into dK, dV with float32 atomics.
@@ -11,19 +11,47 @@ from .chunk import MAX_TOPK, topk_bwd, topk_fwd
 from .reference import check_args
 
 
-class TopkAttentionTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, topk, causal, scale):
-        out, P, I = topk_fwd(q, k, v, topk, causal, key_padding_mask, scale)
-        ctx.save_for_backward(q, k, v, out, P, I)
-        ctx.scale = scale
-        return out
+@torch.library.custom_op("attnlab::topk_attn_fwd", mutates_args=())
+def topk_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                  topk: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, P, I): see topk_fwd. A torch.library custom op with a fake implementation and autograd, so
+    torch.compile traces through it and CUDA graphs capture it (as the linear-attention ops)."""
+    return topk_fwd(q, k, v, topk, causal, key_padding_mask, scale)
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, P, I = ctx.saved_tensors
-        dq, dk, dv = topk_bwd(q, k, v, out, dout, P, I, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+
+@topk_attn_fwd.register_fake
+def _(q, k, v, key_padding_mask, topk, causal, scale):
+    B, H, T, _ = q.shape
+    return (q.new_empty(B, H, T, v.shape[3]), q.new_empty(B, H, T, topk, dtype=torch.float32),
+            q.new_empty(B, H, T, topk, dtype=torch.int32))
+
+
+@torch.library.custom_op("attnlab::topk_attn_bwd", mutates_args=())
+def topk_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                  P: torch.Tensor, I: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = topk_bwd(q, k, v, out, dout, P, I, scale)
+    return dq.contiguous(), dk, dv
+
+
+@topk_attn_bwd.register_fake
+def _(q, k, v, out, dout, P, I, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, _, _, _, scale = inputs
+    out, P, I = output
+    ctx.save_for_backward(q, k, v, out, P, I)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, dP, dI):
+    q, k, v, out, P, I = ctx.saved_tensors
+    dq, dk, dv = topk_attn_bwd(q, k, v, out, dout, P, I, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+topk_attn_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def topk_attention_triton(q, k, v, topk: int, causal: bool, key_padding_mask=None, chunk_size: int = 1024,
@@ -50,4 +78,4 @@ def topk_attention_triton(q, k, v, topk: int, causal: bool, key_padding_mask=Non
     if q.shape[2] == 0 or S == 0:  # nothing to attend: zeros, still connected to the graph
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return TopkAttentionTriton.apply(q, k, v, key_padding_mask, kk, causal, scale)
+    return topk_attn_fwd(q, k, v, key_padding_mask, kk, causal, scale)[0]

@@ -36,7 +36,9 @@ class BaseModule(pl.LightningModule):
                  scheduler_interval: str = "step", seed: int = 0, compile: bool = False):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net"])
-        self.net = torch.compile(net) if compile else net
+        self.net = net
+        if compile:  # in place: the checkpoint keeps the network's own parameter names (no `_orig_mod.`)
+            self.net.compile()
         self.metrics = nn.ModuleDict({split: self.make_metrics() for split in SPLITS})
 
     # -- what a subclass provides ---------------------------------------------------------------------------

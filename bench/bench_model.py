@@ -1,0 +1,253 @@
+"""Whole-model benchmark: what a user of attnlab runs, in the dtypes the trainer uses (issue #11).
+
+    python3 bench/bench_model.py --out DIR [--label after] [--variants ...] [--T ...] [--compile]
+
+1. Training tokens/s and peak memory: attnlab's TransformerDecoder (8 layers, d=512, 8 heads, FFN 2048, vocab 256),
+   B*T = 16384 tokens per step, forward + backward + AdamW under torch.autocast(bfloat16) (what `trainer=gpu`
+   runs), at T = 1024, 4096, 8192, 16384, for softmax (SDPA, default backend selection: the backend it picked is
+   read off the profiler and reported), linear, memsizer (k=32) and topk (k=64). Tokens/s: median of timed steps
+   after warm-up (Triton compilation, autotuning and the allocator's growth stay out); peak memory:
+   max_memory_allocated over the timed steps (weights, optimizer state and activations).
+2. Generation images/s, CIFAR-10 shape: 3072 tokens per image, 16 layers, d=256, 8 heads, FFN 1024, at batch 1,
+   16, 256, eval mode under autocast(bf16), through the model's own step(). Recurrent variants (linear, memsizer)
+   cost the same at every position (fixed-size state), so a window of steps is timed and images/s = batch /
+   (3072 x time per token); two windows check it is flat. Softmax with its KV cache costs more per token as the
+   context grows: the cache is brought to contexts 0, 1024, 2048, 3056 with the model's prefill() (when it has
+   one) and a window timed at each; the time for a whole image is the trapezoid over those points.
+Writes model_<label>.json and prints tables; `python3 bench/bench_model.py --report a.json b.json` prints the
+tables and draws model_train.png / model_generate.png beside the first file."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = {"softmax": {"name": "softmax"}, "linear": {"name": "linear"}, "memsizer": {"name": "memsizer", "k": 32},
+            "topk": {"name": "topk", "k": 64}}
+TOKENS = 16384
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def decoder(attn, max_len, d, layers, heads, ff):
+    from attnlab.transformer import TransformerDecoder
+    return TransformerDecoder(attn, vocab_size=256, max_len=max_len, d_model=d, n_layers=layers, n_heads=heads,
+                              d_ff=ff, dropout=0.0).cuda()
+
+
+def sdpa_backend(model, x):
+    """Names of the attention kernels one forward of the softmax model launches (cudnn / flash / efficient)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.autocast("cuda", torch.bfloat16):
+        model(x)
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages()}
+    hits = sorted(n for n in names if any(s in n.lower() for s in ("cudnn", "flash", "fmha", "efficient", "sdpa")))
+    kind = "cudnn" if any("cudnn" in n.lower() for n in hits) else "flash" if any("flash" in n.lower() for n in hits) \
+        else "efficient" if any("efficient" in n.lower() or "fmha" in n.lower() for n in hits) else "unknown"
+    return kind, hits[:4]
+
+
+def train_point(variant, T, compile_model, steps, warm):
+    torch.manual_seed(0)
+    model = decoder(VARIANTS[variant], T, 512, 8, 8, 2048)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    fwd = torch.compile(model) if compile_model else model
+    B = TOKENS // T
+    x = torch.randint(0, 256, (B, T), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = F.cross_entropy(fwd(x).flatten(0, 1).float(), x.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warm):
+        loss = step()
+    torch.cuda.synchronize()
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss {loss.item()}")
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    out = dict(tok_s=TOKENS / statistics.median(times), step_ms=1e3 * statistics.median(times),
+               peak_mib=torch.cuda.max_memory_allocated() / 2 ** 20)
+    if variant == "softmax":
+        out["sdpa_backend"], out["sdpa_kernels"] = sdpa_backend(model, x[:1])
+    del model, opt, fwd
+    torch.cuda.empty_cache()
+    return out
+
+
+@torch.no_grad()
+def time_steps(model, state, B, n, warm=3):
+    tok = torch.randint(0, 256, (B,), device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        for _ in range(warm):
+            model.step(tok, state)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            model.step(tok, state)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n
+
+
+@torch.no_grad()
+def generate_point(variant, B, window):
+    torch.manual_seed(0)
+    model = decoder(VARIANTS[variant], 3072 + 64, 256, 16, 8, 1024).eval()
+    L = 3072
+    if variant in ("linear", "memsizer"):
+        state = model.init_state(B)
+        t1 = time_steps(model, state, B, window)
+        t2 = time_steps(model, state, B, window, warm=0)
+        per_tok = min(t1, t2)
+        return dict(img_s=B / (L * per_tok), ms_per_token=1e3 * per_tok, windows_ms=[1e3 * t1, 1e3 * t2],
+                    method="timed window, flat state")
+    points = []
+    if not hasattr(model, "prefill"):
+        state = model.init_state(B)
+        per = time_steps(model, state, B, window)
+        return dict(img_s=B / (L * per), ms_per_token=1e3 * per, method="context 0 only (no prefill): upper bound")
+    for c in (0, 1024, 2048, L - 16):
+        state = model.init_state(B)
+        if c:
+            with torch.autocast("cuda", torch.bfloat16):
+                for s in range(0, c, 512):  # chunked so the prompt's activations stay small at batch 256
+                    model.prefill(torch.randint(0, 256, (B, min(512, c - s)), device="cuda"), state)
+        points.append((c, time_steps(model, state, B, min(window, 8), warm=2)))
+    total = sum((points[i + 1][0] - points[i][0]) * (points[i][1] + points[i + 1][1]) / 2
+                for i in range(len(points) - 1)) + (L - points[-1][0]) * points[-1][1]
+    return dict(img_s=B / total, ms_per_token=1e3 * total / L, ms_at_context={c: 1e3 * t for c, t in points},
+                method="trapezoid over contexts (prefill + timed window)")
+
+
+def report(paths):
+    runs = [json.load(open(p)) for p in paths]
+    lines = []
+    for run in runs:
+        lines.append(f"\n### {run['label']}: {run['device']} | torch {run['torch']} | triton {run['triton']} | "
+                     f"{run['date']}")
+        Ts = sorted({r["T"] for r in run["train"]})
+        lines.append("\n**training tokens/s (k), peak MiB** (B*T = 16384, autocast bf16, fwd+bwd+AdamW)\n")
+        lines.append("| variant | " + " | ".join(f"T={T}" for T in Ts) + " |")
+        lines.append("|---|" + "---|" * len(Ts))
+        for v in dict.fromkeys(r["variant"] for r in run["train"]):
+            cells = []
+            for T in Ts:
+                r = next((r for r in run["train"] if r["variant"] == v and r["T"] == T), None)
+                cells.append("" if r is None else r.get("error", "")[:40] if "error" in r else
+                             f"{r['tok_s'] / 1e3:.0f}k, {r['peak_mib']:.0f}")
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        sb = {r.get("sdpa_backend") for r in run["train"] if r.get("sdpa_backend")}
+        if sb:
+            lines.append(f"\nsoftmax ran on SDPA's `{'/'.join(sorted(sb))}` backend (default selection).")
+        if run.get("generate"):
+            lines.append("\n**generation images/s** (3072 tokens, 16 layers, d=256; ms per token)\n")
+            Bs = sorted({r["B"] for r in run["generate"]})
+            lines.append("| variant | " + " | ".join(f"batch {B}" for B in Bs) + " |")
+            lines.append("|---|" + "---|" * len(Bs))
+            for v in dict.fromkeys(r["variant"] for r in run["generate"]):
+                cells = []
+                for B in Bs:
+                    r = next((r for r in run["generate"] if r["variant"] == v and r["B"] == B), None)
+                    cells.append("" if r is None else r.get("error", "")[:40] if "error" in r else
+                                 f"{r['img_s']:.2f} ({r['ms_per_token']:.2f} ms)")
+                lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for run in runs:
+            for v in dict.fromkeys(r["variant"] for r in run["train"]):
+                pts = [(r["T"], r["tok_s"]) for r in run["train"] if r["variant"] == v and "tok_s" in r]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ls="-" if run["label"] != "before" else "--",
+                            label=f"{v} ({run['label']})")
+        ax.set(xscale="log", xlabel="T", ylabel="training tokens/s", title="TransformerDecoder 8x512, bf16")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(os.path.dirname(paths[0]) or ".", "model_train.png"), dpi=120)
+    except Exception as e:  # noqa: BLE001 - the tables are the result; a plot is a convenience
+        print("plot failed:", e)
+    return text
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--label", default="after")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--T", nargs="+", type=int, default=[1024, 4096, 8192, 16384])
+    ap.add_argument("--gen-variants", nargs="+", default=["linear", "memsizer", "softmax"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 256])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--window", type=int, default=24)
+    ap.add_argument("--compile", action="store_true", help="also train each variant under torch.compile")
+    ap.add_argument("--budget-s", type=float, default=400)
+    ap.add_argument("--report", nargs="+", help="print tables / draw plots from these JSON files and exit")
+    args = ap.parse_args()
+    if args.report:
+        report(args.report)
+        return
+    import triton
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"model_{args.label}.json")
+    run = dict(label=args.label, device=torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=triton.__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               train=[], generate=[])
+    t0 = time.time()
+    plan = [(v, T, False) for v in args.variants for T in args.T]
+    if args.compile:
+        plan += [(v, T, True) for v in args.variants for T in args.T]
+    for v, T, comp in plan:
+        name = v + ("+compile" if comp else "")
+        if time.time() - t0 > args.budget_s:
+            run["train"].append(dict(variant=name, T=T, error="skipped: budget"))
+            continue
+        try:
+            r = train_point(v, T, comp, args.steps, args.warm)
+        except Exception as e:  # noqa: BLE001 - recorded; the next point still runs
+            r = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+            torch.cuda.empty_cache()
+        run["train"].append(dict(variant=name, T=T, **r))
+        log(f"train {name:18s} T={T:6d} {r}")
+        json.dump(run, open(path, "w"), indent=1)
+    for v in args.gen_variants:
+        for B in args.batches:
+            if time.time() - t0 > args.budget_s:
+                run["generate"].append(dict(variant=v, B=B, error="skipped: budget"))
+                continue
+            try:
+                r = generate_point(v, B, args.window)
+            except Exception as e:  # noqa: BLE001
+                r = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+                torch.cuda.empty_cache()
+            run["generate"].append(dict(variant=v, B=B, **r))
+            log(f"generate {v:10s} B={B:4d} {r}")
+            json.dump(run, open(path, "w"), indent=1)
+    run["wall_s"] = time.time() - t0
+    json.dump(run, open(path, "w"), indent=1)
+    report([path])
+
+
+if __name__ == "__main__":
+    main()
