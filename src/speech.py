@@ -26,17 +26,23 @@ class ConvSubsampler(nn.Module):
             nn.Conv1d(input_dim if i == 0 else d_model, d_model, kernel_size, stride=2, padding=kernel_size // 2)
             for i in range(n_layers))
 
-    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+    def _next_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         p = self.kernel_size // 2
+        return torch.div(lengths + 2 * p - self.kernel_size, 2, rounding_mode="floor") + 1
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         for _ in self.convs:
-            lengths = (lengths + 2 * p - self.kernel_size) // 2 + 1
+            lengths = self._next_lengths(lengths)
         return lengths
 
     def forward(self, x, lengths):
-        x = x.transpose(1, 2)                              # (B, F, T)
+        # Frames past each sequence's end are zeroed before every convolution, so an utterance gives the same
+        # outputs alone as padded in a batch (the kernel at its last frames sees zeros either way).
+        x = x.masked_fill(padding_mask(lengths, x.shape[1])[..., None], 0.0).transpose(1, 2)  # (B, F, T)
         for conv in self.convs:
-            x = F.gelu(conv(x))
-        return x.transpose(1, 2), self.output_lengths(lengths)
+            x, lengths = F.gelu(conv(x)), self._next_lengths(lengths)
+            x = x.masked_fill(padding_mask(lengths, x.shape[2])[:, None, :], 0.0)
+        return x.transpose(1, 2), lengths
 
 
 class FrameStacker(nn.Module):
@@ -52,6 +58,7 @@ class FrameStacker(nn.Module):
 
     def forward(self, x, lengths):
         B, T, F_ = x.shape
+        x = x.masked_fill(padding_mask(lengths, T)[..., None], 0.0)  # the last stack: zeros alone or in a batch
         pad = (-T) % self.stack
         x = F.pad(x, (0, 0, 0, pad)).reshape(B, (T + pad) // self.stack, F_ * self.stack)
         return self.proj(x), self.output_lengths(lengths)
@@ -65,6 +72,13 @@ def build_frontend(kind: str, input_dim: int, d_model: int, subsample_layers: in
     if kind == "none":
         return FrameStacker(input_dim, d_model, 1)
     raise ValueError(f"unknown front end {kind!r}; expected 'conv', 'stack' or 'none'")
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in at least float32 (the CTC loss in bf16 would lose the small path probabilities)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.log_softmax(logits, -1)
 
 
 def padding_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
@@ -94,7 +108,7 @@ class CTCTransformer(nn.Module):
         x = self.dropout(x + self.pos(0, x.shape[1]))
         mask = padding_mask(lengths, x.shape[1])
         x = self.encoder(x, mask)
-        return F.log_softmax(self.head(x).float(), -1), lengths
+        return log_probs(self.head(x)), lengths
 
 
 class BLSTM(nn.Module):
@@ -117,4 +131,4 @@ class BLSTM(nn.Module):
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         y, _ = self.lstm(packed)
         y, _ = nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=x.shape[1])
-        return F.log_softmax(self.head(y).float(), -1), lengths
+        return log_probs(self.head(y)), lengths

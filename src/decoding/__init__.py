@@ -1,5 +1,10 @@
-"""Decoding library: greedy, sampling and beam search over any model with ``init_state / step / reorder_state``
-(and optionally ``prefill``); independent of Lightning and of the attention variants. See ``search.py``."""
+"""Decoding library, independent of Lightning and of the attention variants.
+
+- ``search.py``: greedy, sampling and batched beam search over any model with ``init_state / step / reorder_state``
+  (and optionally ``prefill``), and ``Recompute`` (no cache: re-run the parallel form each step).
+- ``ctc.py``: CTC greedy and prefix beam search over per-frame log-probabilities."""
+from .ctc import beam_decode, greedy_decode, prefix_beam_search
 from .search import Hypothesis, Recompute, beam_search, filter_logits, greedy, sample, start
 
-__all__ = ["Hypothesis", "Recompute", "beam_search", "filter_logits", "greedy", "sample", "start"]
+__all__ = ["Hypothesis", "Recompute", "beam_search", "filter_logits", "greedy", "sample", "start",
+           "greedy_decode", "prefix_beam_search", "beam_decode"]
