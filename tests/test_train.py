@@ -13,7 +13,6 @@ from attnlab.train import build, run
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTENTIONS = sorted(p.stem for p in (ROOT / "conf/attention").glob("*.yaml"))
-TASKS = sorted(p.stem for p in (ROOT / "conf/task").glob("*.yaml"))
 TINY = ["model.net.d_model=16", "model.net.n_heads=2", "model.net.d_ff=32", "model.net.n_layers=1",
         "task.max_len=6", "task.batch_size=4", "task.val_size=8", "task.test_size=8"]
 
@@ -23,18 +22,6 @@ def causal_only_error(cfg) -> bool:
     from attnlab.attention import get, role_options
     name, _ = role_options(cfg.attention, "decoder")
     return "decoder" not in get(name).roles
-
-
-@pytest.mark.parametrize("task", TASKS)
-@pytest.mark.parametrize("attention", ATTENTIONS)
-def test_every_attention_task_config_composes_and_builds(compose_cfg, attention, task):
-    cfg = compose_cfg([f"attention={attention}", f"task={task}", "logger=none"])
-    if causal_only_error(cfg):
-        with pytest.raises(ConfigError, match="Fix"):
-            build(cfg)
-        return
-    datamodule, model, trainer = build(cfg)
-    assert sum(p.numel() for p in model.parameters()) > 0
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
@@ -74,6 +61,10 @@ def test_results_json_and_offline_wandb(compose_cfg, tmp_path, monkeypatch):
     cfg = compose_cfg(["logger=wandb", "trainer.accelerator=cpu", "trainer.max_steps=4",
                        "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", *TINY], out=tmp_path / "run")
     run(cfg)
+    import wandb
+    # run() returns after wandb.finish() and wandb.teardown(): the run is closed and the service that writes the
+    # offline files has exited, so they are complete now (reading earlier was flaky on a loaded machine, issue #7)
+    assert wandb.run is None
     results = json.loads((tmp_path / "run/results.json").read_text())
     assert {"metrics", "config", "wall_time_s", "steps", "peak_memory"} <= results.keys()
     assert results["steps"] == 4 and "val/acc" in results["metrics"] and "test/acc" in results["metrics"]
@@ -134,5 +125,5 @@ def test_nan_loss_stops_with_a_clear_error(compose_cfg):
                                                     "trainer.accelerator=cpu", *TINY]))
     with torch.no_grad():
         model.net.embed.tok.weight[2:, 0] = float("nan")  # every symbol (ids >= 2) now poisons the loss
-    with pytest.raises(FloatingPointError, match="Fix: lower `model.optimizer.lr`"):
+    with pytest.raises(FloatingPointError, match=r"Fix: lower the learning rate \(`model.optimizer.lr`"):
         trainer.fit(model, datamodule=datamodule)
