@@ -16,11 +16,12 @@ and are copied. The output is the newest checkpoint with the averaged ``state_di
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
+
+from .io import atomic_write
 
 
 def _load(path: Path) -> dict:
@@ -85,16 +86,6 @@ def average(paths: list[Path]) -> dict:
     return newest
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m attnlab.average_checkpoints", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", type=Path, help="checkpoint files, or a checkpoints/ directory")
@@ -102,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, required=True)
     args = p.parse_args(argv)
     chosen = select(args.inputs, args.num_last)
-    save_atomic(average([f for _, f in chosen]), args.output)
+    averaged = average([f for _, f in chosen])
+    atomic_write(args.output, lambda f: torch.save(averaged, f))
     print(f"averaged {len(chosen)} checkpoints (steps {[s for s, _ in chosen]}) -> {args.output}")
     return 0
 

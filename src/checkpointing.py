@@ -1,10 +1,10 @@
 """Checkpoints that lose nothing and trust nothing.
 
-- ``AtomicCheckpointIO`` (a Lightning CheckpointIO plugin): every checkpoint is written to ``<name>.<pid>.tmp`` beside
-  its target, flushed and fsynced, then renamed over the target with ``os.replace`` and the directory fsynced. A kill
-  at any moment leaves either the old file or the new one, never a 0-byte or partial file, and never a temp file in
-  the system temp dir (Lightning's default writes through fsspec's temp file, which is not atomic across
-  filesystems). A failed write is an error at once, naming the path. Temp files of dead writers are removed at start.
+- ``AtomicCheckpointIO`` (a Lightning CheckpointIO plugin): every checkpoint is written by ``attnlab.io.atomic_write``
+  (``<name>.<pid>.tmp`` beside its target, fsynced, renamed over it): a kill at any moment leaves either the old file
+  or the new one, never a 0-byte or partial file, and never a temp file in the system temp dir (Lightning's default
+  writes through fsspec's temp file, which is not atomic across filesystems). A failed write is an error at once,
+  naming the path. Temp files of dead writers are removed at start.
 - ``RunCheckpoint`` (a ModelCheckpoint): ``last.ckpt`` is always the latest state, written at every validation, at
   the end of training and when the run is stopped by SIGTERM (cluster preemption) or a first Ctrl-C (which asks for
   the same graceful stop; a second Ctrl-C aborts without saving). The best checkpoint follows ``monitor``.
@@ -29,15 +29,15 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .attention import ConfigError
+from .io import TMP_NAME, AtomicWriteError, atomic_write
 
 log = logging.getLogger("attnlab")
 
 # Test hook: seconds to pause halfway through writing each checkpoint (lets a test kill the process mid-write).
 SLOW_WRITE_ENV = "ATTNLAB_SLOW_CHECKPOINT_WRITE"
-_TMP = re.compile(r"^(?P<target>.+)\.(?P<pid>\d+)\.tmp$")
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(AtomicWriteError):
     """A checkpoint could not be written: the run stops at once instead of training on without a way back."""
 
 
@@ -45,41 +45,12 @@ class UnsafeCheckpointError(ConfigError):
     """A checkpoint that only loads by running code (pickled callables) and was not marked as trusted."""
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def write_checkpoint_file(path: str, data) -> None:
+    """``attnlab.io.atomic_write``, failing with a ``CheckpointWriteError`` (the run stops at once)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, write) -> None:
-    """Write a file atomically: ``write(f)`` fills ``<path>.<pid>.tmp`` beside it, which is fsynced and renamed over
-    ``path``. On any failure the temp file is removed and the old ``path`` (if any) is untouched."""
-    path = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise CheckpointWriteError(f"could not write {path}: {e.strerror or e}. Fix: make "
-                                       f"{directory} writable (or point `paths.output_dir` elsewhere).") from e
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+        atomic_write(path, data)
+    except AtomicWriteError as e:
+        raise CheckpointWriteError(f"{e} Or point `paths.output_dir` elsewhere.") from e.__cause__
 
 
 def _pid_alive(pid: int) -> bool:
@@ -98,7 +69,7 @@ def remove_stale_tmp(directory: str) -> list[str]:
     if not directory or not os.path.isdir(directory):
         return removed
     for name in os.listdir(directory):
-        m = _TMP.match(name)
+        m = TMP_NAME.match(name)
         if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
             try:
                 os.remove(os.path.join(directory, name))
@@ -129,7 +100,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             time.sleep(pause)
             f.write(data[len(data) // 2:])
-        atomic_write_bytes(path, write)
+        write_checkpoint_file(path, write)
 
 
 def load_checkpoint(path: str, trust: bool = False) -> dict:
@@ -201,7 +172,7 @@ class RunCheckpoint(ModelCheckpoint):
             return
         remove_stale_tmp(self.dirpath)
         probe = os.path.join(self.dirpath, ".write-test")  # fail now, not at the first validation
-        atomic_write_text(probe, "")
+        write_checkpoint_file(probe, b"")
         os.remove(probe)
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -20,6 +20,7 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
+from .io import atomic_write
 from .train import net_config
 
 
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output == "-":
         sys.stdout.write(result)
     else:
-        from .modules.seq2seq import atomic_write_text
-        atomic_write_text(args.output, result)
+        atomic_write(args.output, result)
     return 0
 
 

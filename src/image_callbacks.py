@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 
 from .attention import ConfigError
 from .decoding import Recompute, sample
+from .io import atomic_write
 
 log = logging.getLogger("attnlab")
 MODES = ("state", "recompute")
@@ -75,24 +74,12 @@ def grid(images: np.ndarray, n_cols: int, pad: int = 1) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> None:
-    """Write an RGB uint8 array as a PNG atomically (temp file beside the target, fsync, rename)."""
+    """Write an RGB uint8 array as a PNG atomically (``attnlab.io.atomic_write``)."""
     import matplotlib.image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if scale > 1:
         array = array.repeat(scale, 0).repeat(scale, 1)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            matplotlib.image.imsave(f, array, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: matplotlib.image.imsave(f, array, format="png"))
 
 
 class ImageSamples(pl.Callback):

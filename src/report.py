@@ -11,12 +11,12 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from .io import atomic_write
 
 log = logging.getLogger("attnlab")
 
@@ -232,34 +232,8 @@ def plot(path: Path, runs: list[Run], keys: list[str], metric: str, mode: str) -
     fig.suptitle(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better): {len(scored)} of {len(runs)} "
                  f"run(s) have it")
     fig.tight_layout()
-    with _atomic(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-
-
-class _atomic:
-    """Write to a temp file beside ``path``, fsync, then rename over it: a reader never sees half a file."""
-
-    def __init__(self, path: Path, mode: str = "w"):
-        self.path, self.mode = Path(path), mode
-
-    def __enter__(self):
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        self.f = os.fdopen(fd, self.mode)
-        return self.f
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                self.f.flush()
-                os.fsync(self.f.fileno())
-        finally:
-            self.f.close()
-        if exc_type is None:
-            os.chmod(self.tmp, 0o644)
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
 
 
 def log_to_wandb(out: Path, root: Path, runs: list[Run], keys: list[str], metric: str, mode: str,
@@ -304,8 +278,7 @@ def report(root: str | Path, metric: str | None = None, mode: str | None = None,
     opt_file = root / "optimization_results.yaml"
     optuna = yaml.safe_load(opt_file.read_text()) if opt_file.is_file() else None
     md_path, png_path = out / "report.md", out / "report.png"
-    with _atomic(md_path) as f:
-        f.write(markdown(root, runs, keys, metric, mode, optuna))
+    atomic_write(md_path, markdown(root, runs, keys, metric, mode, optuna))
     plot(png_path, runs, keys, metric, mode)
     wandb_dir = None
     if use_wandb:

@@ -10,12 +10,12 @@ import logging
 import math
 import os
 import re
-import tempfile
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from .attention import ConfigError
+from .io import atomic_write
 
 log = logging.getLogger("attnlab")
 
@@ -113,13 +113,7 @@ def _record_sweep(cfg: DictConfig) -> None:
     path = os.path.join(str(cfg.hydra.sweep.dir), "multirun.yaml")
     if os.path.exists(path):
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".multirun.yaml.", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(OmegaConf.to_yaml(cfg))  # unresolved, as Hydra saves it
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, OmegaConf.to_yaml(cfg))  # unresolved, as Hydra saves it
 
 
 def objective(results: dict, cfg: DictConfig) -> float | None:

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .attention import ROLES, ConfigError, role_options
-from .checkpointing import AtomicCheckpointIO, RunCheckpoint, atomic_write_text, load_checkpoint, remove_stale_tmp
+from .checkpointing import AtomicCheckpointIO, RunCheckpoint, load_checkpoint, remove_stale_tmp
+from .io import atomic_write
 
 log = logging.getLogger("attnlab")
 # Our datamodules resume by themselves (the train sampler starts at trainer.global_step), so Lightning's warning
@@ -295,7 +296,7 @@ def check_checkpoint(cfg: DictConfig, ckpt: dict, model, path: str) -> dict:
 
 # -- the run --------------------------------------------------------------------------------------------------------
 def _write_results(out_dir: str, results: dict) -> None:
-    atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2))
+    atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2))
 
 
 def _optimizer_options(trainer) -> dict:
@@ -377,6 +378,7 @@ def run(cfg: DictConfig) -> dict:
         "steps": int(trainer.global_step),
         "wall_time_s": time.time() - start,
         "peak_memory": peak_memory_mb(),
+        "extra": getattr(model, "extra_results", {}),  # e.g. sacreBLEU signatures (strings, not metrics)
         "device": str(trainer.strategy.root_device),
         "world_size": trainer.world_size,
         "optimizer": _optimizer_options(trainer),

@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import subprocess
-import tempfile
 import wave
 from pathlib import Path
 
@@ -43,6 +42,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
+
+from attnlab.io import atomic_write
 
 from .features import add_deltas, fbank, resample
 from .sampling import eval_loader, train_loader
@@ -52,25 +53,10 @@ BLANK = "<blank>"
 
 
 # -- files --------------------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_npy(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def read_table(path: Path) -> dict[str, str]:
@@ -243,7 +229,7 @@ class FeatureCache:
             entries.append((name, frames))
             if (i + 1) % 1000 == 0:
                 log.info("filterbanks: %d / %d utterances", i + 1, len(utts))
-        atomic_write_bytes(index_path, json.dumps(entries).encode())
+        atomic_write(index_path, json.dumps(entries))
         return entries
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .asr import atomic_write_bytes
+from attnlab.io import atomic_write
+
 from .features import resample
 
 log = logging.getLogger("attnlab")
@@ -148,7 +149,7 @@ def write_kaldi_dir(root: Path, rows: list[dict], extra: tuple[str, ...] = ()) -
     """rows of {"id", "wav", "text", <extra files>...} -> wav.scp, text, (extra), sorted by utterance id."""
     rows = sorted(rows, key=lambda r: r["id"])
     for name, key in [("wav.scp", "wav"), ("text", "text"), *[(e, e) for e in extra]]:
-        atomic_write_bytes(root / name, "".join(f"{r['id']} {r[key]}\n" for r in rows).encode())
+        atomic_write(root / name, "".join(f"{r['id']} {r[key]}\n" for r in rows))
 
 
 def prepare_synth(out: Path, n_sentences: int = 3000, n_dev: int = 200, n_test: int = 200, seed: int = 0,
@@ -172,7 +173,7 @@ def prepare_synth(out: Path, n_sentences: int = 3000, n_dev: int = 200, n_test: 
             x = resample(torch.from_numpy(audio.astype(np.float64)), tts.sample_rate, sample_rate).numpy()
             x = np.clip(np.round(x), -32768, 32767).astype(np.int16)
             utt = f"{split}-{i:05d}"
-            atomic_write_bytes(out / "wav" / f"{utt}.wav", wav_bytes(x, sample_rate))
+            atomic_write(out / "wav" / f"{utt}.wav", wav_bytes(x, sample_rate))
             rows.append({"id": utt, "wav": f"../wav/{utt}.wav", "text": sentence, "phones": " ".join(phones),
                          "utt2spk": voice})
             seconds += len(x) / sample_rate
@@ -194,7 +195,7 @@ def prepare_pocketsphinx(out: Path, sdist: Path | None = None, version: str = "5
 
             def read(name):
                 return tar.extractfile(members[name]).read()
-            atomic_write_bytes(out / "cmudict-en-us.dict", read("model/en-us/cmudict-en-us.dict"))
+            atomic_write(out / "cmudict-en-us.dict", read("model/en-us/cmudict-en-us.dict"))
             # transcription files: "<s> words </s> (utterance id)" per line, the wavs beside them
             for folder, trans in [("test/data/librivox", "transcription"), ("test/data/cards", "cards.transcription")]:
                 for line in read(f"{folder}/{trans}").decode().splitlines():
@@ -204,7 +205,7 @@ def prepare_pocketsphinx(out: Path, sdist: Path | None = None, version: str = "5
                     words, name = m.groups()
                     data = read(f"{folder}/{name}.wav")
                     utt = f"{Path(folder).name}-{name}"
-                    atomic_write_bytes(out / "wav" / f"{utt}.wav", data)
+                    atomic_write(out / "wav" / f"{utt}.wav", data)
                     with wave.open(io.BytesIO(data)) as w:
                         seconds += w.getnframes() / w.getframerate()
                     rows.append({"id": utt, "wav": f"../wav/{utt}.wav", "text": words})

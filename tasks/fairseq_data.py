@@ -43,6 +43,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from attnlab.io import atomic_write
+
 MMAP_MAGIC = b"MMIDIDX\x00\x00"
 LEGACY_MAGIC = b"TNTIDX\x00\x00"
 CODE_TO_DTYPE = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float64,
@@ -195,7 +197,7 @@ class Dictionary:
 
     def save(self, path: str | os.PathLike) -> None:
         lines = [f"{w} {c}\n" for w, c in zip(self.symbols[self.nspecial:], self.count[self.nspecial:])]
-        atomic_write_bytes(path, "".join(lines).encode("utf-8"))
+        atomic_write(path, "".join(lines))
 
     @classmethod
     def build(cls, token_lists: Iterable[Sequence[str]], threshold: int = -1, nwords: int = -1,
@@ -225,17 +227,6 @@ class Dictionary:
             d.add_symbol(f"madeupword{i:04d}", n=0)
             i += 1
         return d
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write beside the target, fsync, rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --- indexed datasets --------------------------------------------------------------------------------------------
@@ -458,7 +449,7 @@ class IndexedDatasetBuilder:
         if self.doc_index:
             index += np.asarray(docs, np.int64).tobytes()
         os.replace(self._tmp_bin, self.prefix + ".bin")
-        atomic_write_bytes(self.prefix + ".idx", index)
+        atomic_write(self.prefix + ".idx", index)
 
     def abort(self) -> None:
         self._bin.close()

@@ -35,8 +35,9 @@ from typing import Sequence
 
 import numpy as np
 
-from attnlab.tasks.fairseq_data import (Dictionary, IndexedDatasetBuilder, atomic_write_bytes, best_dtype,
-                                        dict_path, split_prefix, tokenize_line)
+from attnlab.io import atomic_write
+from attnlab.tasks.fairseq_data import (Dictionary, IndexedDatasetBuilder, best_dtype, dict_path, split_prefix,
+                                        tokenize_line)
 from attnlab.tasks.text_sources import read_hf_dataset, read_lines, read_parallel
 
 
@@ -134,7 +135,7 @@ def preprocess(destdir: str | os.PathLike, splits: dict[str, list], src: str | N
             train_text = [line for lang in langs for line in sides["train", lang]]
             log(f"training sentencepiece ({spm_type}, vocab {vocab_size}) on {len(train_text)} lines")
             model = train_sentencepiece(train_text, vocab_size, spm_type, character_coverage)
-        atomic_write_bytes(destdir / "spm.model", model)
+        atomic_write(destdir / "spm.model", model)
         tok = Tokenizer(model)
     elif tokenizer == "none":
         if spm_model is not None:
@@ -172,7 +173,7 @@ def preprocess(destdir: str | os.PathLike, splits: dict[str, list], src: str | N
     meta = {"source_lang": src, "target_lang": tgt, "tokenizer": tokenizer, "post_process": tok.post_process,
             "vocab_size": {lang or "text": len(d) for lang, d in dicts.items()},
             "joined_dictionary": bool(parallel and joined_dictionary), "splits": stats}
-    atomic_write_bytes(destdir / "preprocess.json", json.dumps(meta, indent=1).encode())
+    atomic_write(destdir / "preprocess.json", json.dumps(meta, indent=1))
     return meta
 
 

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from attnlab.tasks.fairseq_data import DataFormatError, atomic_write_bytes
+from attnlab.io import atomic_write
+from attnlab.tasks.fairseq_data import DataFormatError
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
@@ -41,7 +42,7 @@ def read_parallel(src_path: str | os.PathLike, tgt_path: str | os.PathLike) -> l
 
 def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
     out = [" ".join(str(line).split("\n")).replace("\r", " ") for line in lines]
-    atomic_write_bytes(path, "".join(line + "\n" for line in out).encode("utf-8"))
+    atomic_write(path, "".join(line + "\n" for line in out))
     return len(out)
 
 

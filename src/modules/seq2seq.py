@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..decoding import beam_search, greedy
+from ..io import atomic_write
 from ..metrics import Ratio
 from ..text_metrics import ROUGE_KEYS, CorpusBLEU, rouge_scores
 from .base import BaseModule
@@ -48,15 +49,6 @@ def label_smoothed_nll_loss(logits: torch.Tensor, targets: torch.Tensor, eps: fl
     eps_i = eps / (lprobs.shape[-1] - 1)
     loss = (1.0 - eps - eps_i) * nll + eps_i * smooth
     return loss.sum(), nll.sum(), scored.sum()
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Seq2SeqModule(BaseModule):
@@ -183,9 +175,9 @@ class Seq2SeqModule(BaseModule):
             out_dir = self.trainer.default_root_dir
             os.makedirs(out_dir, exist_ok=True)
             text = "".join(h + "\n" for _, h in sorted(pairs))
-            atomic_write_text(os.path.join(out_dir, f"{split}.hyp.txt"), text)
+            atomic_write(os.path.join(out_dir, f"{split}.hyp.txt"), text)
             if info:
-                atomic_write_text(os.path.join(out_dir, f"{split}.scores.json"), json.dumps(info, indent=1))
+                atomic_write(os.path.join(out_dir, f"{split}.scores.json"), json.dumps(info, indent=1))
 
     def on_validation_epoch_end(self):
         self._write_outputs("val")  # before the metrics are reset (the BLEU line is read from them)
