@@ -254,6 +254,7 @@ TINY = ["model.net.d_model=16", "model.net.n_heads=2", "model.net.d_ff=32", "mod
     ("softmax", []),  # the task's default: espeak-style phoneme tokens, PER
     ("linear", ["task.units=chars", "task.text_file=text", "model.metrics=[per,cer,wer]", "monitor.metric=val/cer",
                 "model.decoder=beam"]),  # characters, prefix beam search
+    *[(name, []) for name in ("memsizer", "topk", "reformer", "reformer_lsh4", "performer", "linformer")],
 ])
 def test_fast_dev_run(compose_cfg, corpus, attention, targets):
     from attnlab.train import run

@@ -263,7 +263,9 @@ def check_outputs(out: Path, results: dict):
         assert (out / f"samples/test_{kind}.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("attention,head", [("softmax", "dmol"), ("linear", "softmax")])
+@pytest.mark.parametrize("attention,head", [("softmax", "dmol"), ("linear", "softmax"), ("memsizer", "dmol"),
+                                            ("topk", "softmax"), ("reformer", "dmol"), ("reformer_lsh4", "softmax"),
+                                            ("performer", "dmol")])  # every causal variant (Linformer has none)
 def test_fast_dev_run_digits(compose_cfg, tmp_path, attention, head):
     pytest.importorskip("sklearn")  # in the dev extra: CI has it
     out = tmp_path / "run"

@@ -128,7 +128,9 @@ def test_raw_text_is_binarized_word_level(raw_text_dir):
 
 
 @pytest.mark.parametrize("attention", [["attention=softmax"], ["attention=linear"],
-                                       ["attention=memsizer", "attention.decoder.k=4"]], ids=lambda a: a[0])
+                                       ["attention=memsizer", "attention.decoder.k=4"], ["attention=topk"],
+                                       ["attention=reformer"], ["attention=reformer_lsh4"], ["attention=performer"]],
+                         ids=lambda a: a[0])  # every causal variant (Linformer has none)
 def test_fast_dev_run_lm(compose_cfg, raw_text_dir, tmp_path, attention):
     cfg = compose_cfg(["task=lm", *attention, f"task.data_dir={raw_text_dir}", "task.tokens_per_sample=16",
                        "task.batch_size=4", "task.eval_stride=8", "model.net.d_model=16", "model.net.n_heads=2",

@@ -149,7 +149,10 @@ TINY = ["model.net.d_model=16", "model.net.n_heads=2", "model.net.d_ff=32", "mod
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
 VARIANTS = {"softmax": ["attention=softmax"], "linear": ["attention=linear"],
             # the authors' MT setup: decoder self-attention MemSizer k=4, cross-attention k=32
-            "memsizer": ["attention=memsizer", "attention.decoder.k=4", "attention.k=32"]}
+            "memsizer": ["attention=memsizer", "attention.decoder.k=4", "attention.k=32"],
+            # the other variants that serve all three roles (Reformer has no cross-attention, Linformer no causal
+            # form: tests/test_configs.py checks that they are refused with the fix named)
+            "topk": ["attention=topk", "attention.k=4"], "performer": ["attention=performer"]}
 
 
 @pytest.mark.parametrize("task,metric", [("wmt", "bleu"), ("summarization", "rougeL")])
