@@ -13,7 +13,9 @@
    cost the same at every position (fixed-size state), so a window of steps is timed and images/s = batch /
    (3072 x time per token); two windows check it is flat. Softmax with its KV cache costs more per token as the
    context grows: the cache is brought to contexts 0, 1024, 2048, 3056 with the model's prefill() (when it has
-   one) and a window timed at each; the time for a whole image is the trapezoid over those points.
+   one) and a window timed at each; the time for a whole image is the trapezoid over those points. ``+graph``:
+   the same model through ``attnlab.decoding.CUDAGraphs`` (the step replayed from a CUDA graph), and whole images
+   drawn with ``sample()`` timed end to end (``sample_img_s``).
 Writes model_<label>.json and prints tables; `python3 bench/bench_model.py --report a.json b.json` prints the
 tables and draws model_train.png / model_generate.png beside the first file."""
 from __future__ import annotations
@@ -108,16 +110,30 @@ def time_steps(model, state, B, n, warm=3):
 
 @torch.no_grad()
 def generate_point(variant, B, window):
+    from attnlab.decoding import CUDAGraphs, sample
     torch.manual_seed(0)
-    model = decoder(VARIANTS[variant], 3072 + 64, 256, 16, 8, 1024).eval()
+    base, graphed = variant.removesuffix("+graph"), variant.endswith("+graph")
+    net = decoder(VARIANTS[base], 3072 + 64, 256, 16, 8, 1024).eval()
+    model = CUDAGraphs(net) if graphed else net
     L = 3072
-    if variant in ("linear", "memsizer"):
+    if base in ("linear", "memsizer"):
         state = model.init_state(B)
         t1 = time_steps(model, state, B, window)
         t2 = time_steps(model, state, B, window, warm=0)
         per_tok = min(t1, t2)
-        return dict(img_s=B / (L * per_tok), ms_per_token=1e3 * per_tok, windows_ms=[1e3 * t1, 1e3 * t2],
-                    method="timed window, flat state")
+        out = dict(img_s=B / (L * per_tok), ms_per_token=1e3 * per_tok, windows_ms=[1e3 * t1, 1e3 * t2],
+                   method="timed window, flat state")
+        if graphed:  # and whole images through sample(): the search's own per-token work (softmax, multinomial)
+            bos = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            with torch.autocast("cuda", torch.bfloat16):
+                sample(model, bos, 8, generator=gen)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                sample(model, bos, L, generator=gen)
+                torch.cuda.synchronize()
+            out["sample_img_s"] = B / (time.perf_counter() - t)
+        return out
     points = []
     if not hasattr(model, "prefill"):
         state = model.init_state(B)
@@ -166,7 +182,8 @@ def report(paths):
                 for B in Bs:
                     r = next((r for r in run["generate"] if r["variant"] == v and r["B"] == B), None)
                     cells.append("" if r is None else r.get("error", "")[:40] if "error" in r else
-                                 f"{r['img_s']:.2f} ({r['ms_per_token']:.2f} ms)")
+                                 f"{r['img_s']:.2f} ({r['ms_per_token']:.2f} ms)"
+                                 + (f"; sample() {r['sample_img_s']:.2f}" if "sample_img_s" in r else ""))
                 lines.append(f"| {v} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
@@ -194,9 +211,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--label", default="after")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--T", nargs="+", type=int, default=[1024, 4096, 8192, 16384])
-    ap.add_argument("--gen-variants", nargs="+", default=["linear", "memsizer", "softmax"])
+    ap.add_argument("--gen-variants", nargs="+",
+                    default=["linear", "linear+graph", "memsizer", "memsizer+graph", "softmax"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 256])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warm", type=int, default=3)

@@ -108,14 +108,20 @@ class Positions(nn.Module):
         else:
             raise ValueError(f"unknown positions {kind!r}; expected 'sinusoidal' or 'learned'")
 
-    def forward(self, start: int, length: int) -> torch.Tensor:
-        if start + length > self.max_len:
-            raise ValueError(f"sequence of length {start + length} is longer than the model allows "
+    def forward(self, start: int | torch.Tensor, length: int) -> torch.Tensor:
+        """Positions start .. start+length-1. ``start`` may be a 0-d device tensor (a decode step captured in a CUDA
+        graph reads its position from memory); the caller then checks the limit (``check_length``)."""
+        table = self.emb.weight if self.kind == "learned" else self.pe
+        if isinstance(start, torch.Tensor):
+            return table.index_select(0, start + torch.arange(length, device=start.device))
+        self.check_length(start + length)
+        return table[start:start + length]
+
+    def check_length(self, length: int) -> None:
+        if length > self.max_len:
+            raise ValueError(f"sequence of length {length} is longer than the model allows "
                              f"(max_len={self.max_len}). Fix: raise `model.net.max_len` (learned positions "
                              f"then need retraining) or shorten the inputs; nothing is truncated silently.")
-        if self.kind == "learned":
-            return self.emb.weight[start:start + length]
-        return self.pe[start:start + length]
 
 
 class Embedding(nn.Module):

@@ -1,0 +1,124 @@
+"""Decode steps replayed from a CUDA graph: one launch per token instead of hundreds.
+
+A decode step of a small model is host-bound: a 16-layer model issues a few hundred kernels per token, each costing
+more CPU time to launch than GPU time to run (NOTES.md). ``CUDAGraphs(model)`` is a model for the search functions
+(``greedy(CUDAGraphs(net), prefix, n)``): ``init_state``, ``prefill`` and ``reorder_state`` are the model's own;
+``step`` captures the model's step once into a CUDA graph over static buffers (the token, the position, every state
+tensor) and replays it afterwards. The graph computes exactly what the eager step computes, on the same kernels.
+
+It applies when the state keeps its shapes from step to step: the recurrent states of linear attention, MemSizer and
+Performer, and cross-attention over a fixed memory. A growing KV cache (softmax, top-k, Reformer) changes shape, so
+those steps run eagerly; so does every step on the CPU, and a step with a padding mask. A state handed in that is not
+the one the graph owns (a new search, or ``reorder_state`` in beam search) is copied into the graph's buffers first.
+"""
+from __future__ import annotations
+
+import torch
+
+_TENSOR = object()  # marks where a state holds a tensor, in the structure a graph is captured for
+
+
+def _leaves(state: dict) -> list:
+    """The state's tensors in a fixed order (layers, then each attention state's entries)."""
+    return [v for states in state["layers"] for s in states for v in s.values() if torch.is_tensor(v)]
+
+
+def _signature(state: dict, tokens: torch.Tensor) -> tuple:
+    """What a captured graph is valid for: every leaf's shape and dtype, the non-tensor entries, autocast."""
+    dev = tokens.device.type
+    return (tuple(tokens.shape), torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev),
+            tuple((tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, v)
+                  for states in state["layers"] for s in states for k, v in s.items()))
+
+
+class CUDAGraphs:
+    """``model`` (init_state / step / prefill / reorder_state, e.g. ``TransformerDecoder``) with ``step`` replayed
+    from a CUDA graph where the state's shapes allow it (module docstring)."""
+
+    def __init__(self, model, warmup: int = 2):
+        self.model, self.warmup = model, warmup
+        self.max_len = getattr(model, "max_len", None)
+        self.graph, self.key = None, None
+        self.captures = 0
+
+    def init_state(self, batch_size, memory=None, memory_padding_mask=None) -> dict:
+        return self.model.init_state(batch_size, memory, memory_padding_mask)
+
+    def prefill(self, tokens, state, key_padding_mask=None):
+        return self.model.prefill(tokens, state, key_padding_mask)
+
+    def reorder_state(self, state, index) -> dict:
+        return self.model.reorder_state(state, index)
+
+    def reserve_state(self, state, length):
+        return self.model.reserve_state(state, length) if hasattr(self.model, "reserve_state") else state
+
+    def graphable(self, tokens, state, pad) -> bool:
+        return (tokens.is_cuda and pad is None and "layers" in state
+                and not any("length" in s for states in state["layers"] for s in states))  # a growing KV cache
+
+    def step(self, tokens: torch.Tensor, state: dict, pad=None) -> torch.Tensor:
+        tokens = tokens.view(-1, 1)
+        if not self.graphable(tokens, state, pad):
+            return self.model.step(tokens, state, pad)
+        self.model.embed.pos.check_length(state["pos"] + 1)  # the graph reads the position from memory: check here
+        key = _signature(state, tokens)
+        if key != self.key:
+            self._capture(tokens, state, key)
+        self.tokens.copy_(tokens)
+        self.pos.fill_(state["pos"])
+        for dst, src in zip(self.leaves, _leaves(state)):
+            if dst is not src:
+                dst.copy_(src)
+        self.graph.replay()
+        self._adopt(state)
+        state["pos"] += 1
+        return self.logits.clone()  # the buffer is overwritten by the next replay
+
+    def _adopt(self, state: dict) -> None:
+        """Point the caller's state at the graph's buffers, which now hold the advanced state (in place, as the
+        search functions expect of ``step``)."""
+        it = iter(self.leaves)
+        for states in state["layers"]:
+            for s in states:
+                for k, v in s.items():
+                    if torch.is_tensor(v):
+                        s[k] = next(it)
+
+    def _run(self) -> None:
+        """The captured work: one eager step on a state made of the static buffers, its results copied back."""
+        it = iter(self.leaves)
+        state = {"layers": [[type(s)({k: next(it) if v is _TENSOR else v for k, v in s.items()})
+                             for s in states] for states in self.template], "pos": self.pos.clone()}
+        self.logits.copy_(self.model.step(self.tokens, state))
+        for dst, src in zip(self.leaves, _leaves(state)):
+            if dst is not src:
+                dst.copy_(src)
+
+    def _capture(self, tokens: torch.Tensor, state: dict, key: tuple) -> None:
+        self.graph = None
+        self.template = [[type(s)({k: _TENSOR if torch.is_tensor(v) else v for k, v in s.items()}) for s in states]
+                         for states in state["layers"]]
+        self.leaves = [v.clone() for v in _leaves(state)]
+        self.tokens, self.pos = tokens.clone(), torch.tensor(state["pos"], device=tokens.device)
+        with torch.no_grad():
+            saved = [v.clone() for v in self.leaves]
+            self.logits = self.model.step(self.tokens, _copy_state(state))  # shapes and dtypes of the output
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph (lazy init, autotuning), as CUDA graphs need
+                for _ in range(self.warmup):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run()
+            for dst, src in zip(self.leaves, saved):  # capture and warm-up advanced the buffers: undo
+                dst.copy_(src)
+        self.graph, self.key = graph, key
+        self.captures += 1
+
+
+def _copy_state(state: dict) -> dict:
+    return {"layers": [[type(s)({k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}) for s in states]
+                       for states in state["layers"]], "pos": state["pos"]}

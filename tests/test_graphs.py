@@ -1,0 +1,60 @@
+"""CUDA-graph decoding (attnlab.decoding.graphs) against eager decoding; the GPU tests run on the device machine."""
+import pytest
+import torch
+
+from attnlab.decoding import CUDAGraphs, greedy, sample
+from attnlab.transformer import TransformerDecoder
+
+VARIANTS = {"linear": {"name": "linear"}, "memsizer": {"name": "memsizer", "decoder": {"k": 8}},
+            "performer": {"name": "performer"}, "softmax": {"name": "softmax"}}
+
+
+def decoder(variant, device, dtype=torch.float32):
+    torch.manual_seed(0)
+    net = TransformerDecoder(VARIANTS[variant], vocab_size=37, max_len=64, d_model=32, n_layers=2, n_heads=4,
+                             d_ff=64, dropout=0.0)
+    return net.to(device, dtype).eval()
+
+
+def test_positions_from_a_device_tensor_equal_the_slice():
+    net = decoder("linear", "cpu")
+    for kind in ("learned", "sinusoidal"):
+        pos = net.embed.pos if kind == "learned" else type(net.embed.pos)("sinusoidal", 64, 32)
+        assert torch.equal(pos(torch.tensor(5), 3), pos(5, 3))
+    with pytest.raises(ValueError, match="max_len=64"):
+        net.embed.pos(62, 3)
+
+
+def test_on_the_cpu_steps_run_eagerly_and_agree():
+    net = decoder("linear", "cpu")
+    prefix = torch.randint(0, 37, (3, 4))
+    graphs = CUDAGraphs(net)
+    assert torch.equal(greedy(graphs, prefix, 10), greedy(net, prefix, 10)) and graphs.captures == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_graph_replay_equals_eager_decoding(variant):
+    net = decoder(variant, "cuda")
+    prefix = torch.randint(0, 37, (5, 7), device="cuda")
+    graphs = CUDAGraphs(net)
+    # the same kernels in the same order: equal up to the nondeterminism of atomics, which these ops do not use
+    assert torch.equal(greedy(graphs, prefix, 40), greedy(net, prefix, 40))
+    g1, g2 = (torch.Generator(device="cuda").manual_seed(3) for _ in range(2))
+    a = sample(graphs, prefix, 40, temperature=1.0, generator=g1)
+    b = sample(net, prefix, 40, temperature=1.0, generator=g2)
+    assert torch.equal(a, b)
+    assert graphs.captures == (0 if variant == "softmax" else 1)  # a growing KV cache runs eagerly
+    with torch.autocast("cuda", torch.bfloat16):  # another precision is another graph
+        greedy(graphs, prefix, 3)
+    assert graphs.captures == (0 if variant == "softmax" else 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_reordered_state_is_copied_into_the_graph():
+    from attnlab.decoding import beam_search
+    net = decoder("linear", "cuda")
+    prefix = torch.randint(0, 37, (2, 3), device="cuda")
+    a = beam_search(CUDAGraphs(net), prefix, eos=1, beam_size=4, max_len_b=20)
+    b = beam_search(net, prefix, eos=1, beam_size=4, max_len_b=20)
+    assert [[h.tokens.tolist() for h in x] for x in a] == [[h.tokens.tolist() for h in x] for x in b]
