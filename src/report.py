@@ -152,8 +152,9 @@ def _fmt(v) -> str:
 
 
 def metric_columns(runs: list[Run], metric: str) -> list[str]:
-    """The ranked metric, then the other validation and test metrics (training ones are a moving average)."""
-    others = sorted({k for r in runs for k in r.metrics if k.startswith(("val/", "test/"))} - {metric})
+    """The ranked metric, then the other validation and test metrics (training ones are a moving average); extra test
+    sets log as ``test_<name>/...``."""
+    others = sorted({k for r in runs for k in r.metrics if k.startswith(("val/", "test/", "test_"))} - {metric})
     return [metric, *others]
 
 

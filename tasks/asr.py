@@ -1,7 +1,9 @@
 """Speech recognition data for CTC: features, label sequences, length-bucketed batches.
 
 Corpora (``format``), one per split (``train`` / ``val`` / ``test`` name a folder or file under ``data_dir``; an
-absolute path, or one with ``..``, points elsewhere, e.g. a test set from another corpus):
+absolute path, or one with ``..``, points elsewhere, e.g. a test set from another corpus). ``extra_test`` maps more
+names to test sets of the same format (``{real: ../asr_pocketsphinx/test}``), evaluated after ``test`` and logged as
+``test_<name>/<metric>``:
 
 - ``kaldi``: a Kaldi data directory: ``wav.scp`` (``utt path`` or ``utt command |``, the command writing a wav to
   stdout, e.g. WSJ's ``sph2pipe -f wav x.wv1 |``) and ``text`` (``utt words ...``); with ``feats.scp`` present
@@ -290,7 +292,8 @@ class ASRDataModule(pl.LightningDataModule):
                  frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0, preemphasis: float = 0.97,
                  low_freq: float = 20.0, high_freq: float = 0.0, cmvn: str = "utterance",
                  max_train_frames: int | None = None, batch_size: int | None = None,
-                 max_tokens: int | None = 20000, seed: int = 0, num_workers: int = 0):
+                 max_tokens: int | None = 20000, seed: int = 0, num_workers: int = 0,
+                 extra_test: dict[str, str] | None = None):
         super().__init__()
         if units not in ("phones", "chars", "tokens"):
             raise ValueError(f"unknown units {units!r}; expected 'phones', 'chars' or 'tokens'")
@@ -302,6 +305,8 @@ class ASRDataModule(pl.LightningDataModule):
         if cmvn not in ("utterance", "none"):
             raise ValueError(f"cmvn must be 'utterance' or 'none', got {cmvn!r}")
         self.save_hyperparameters()
+        # evaluation sets in test order: the module logs `test/...` for the first, `test_<name>/...` for the others
+        self.test_names = ["test", *[f"test_{k}" for k in (extra_test or {})]]
         self.splits: dict[str, ASRDataset] | None = None
         self.units: list[str] = []
 
@@ -326,7 +331,7 @@ class ASRDataModule(pl.LightningDataModule):
         if h.units == "chars":
             return list(normalize_text(text))
         out = []
-        for w in text.lower().split():
+        for w in normalize_text(text).split():
             if w in lexicon:
                 out += lexicon[w]
             else:
@@ -342,10 +347,12 @@ class ASRDataModule(pl.LightningDataModule):
                                     "preemphasis", "low_freq", "high_freq")}
         cache = FeatureCache(Path(h.cache_dir) if h.cache_dir else Path(h.data_dir) / "fbank_cache", params)
         raw, oov_words = {}, {}
-        for split in ("train", "val", "test"):
-            raw[split] = list_utterances(self._split_path(h[split]), h.format, h.text_file, h.use_feats_scp)
+        paths = {"train": h.train, "val": h.val, "test": h.test,
+                 **{f"test_{k}": v for k, v in (h.extra_test or {}).items()}}
+        for split, name in paths.items():
+            raw[split] = list_utterances(self._split_path(name), h.format, h.text_file, h.use_feats_scp)
             if not raw[split]:
-                raise ValueError(f"split {split} ({self._split_path(h[split])}) has no utterances")
+                raise ValueError(f"split {split} ({self._split_path(name)}) has no utterances")
         lexicon = None
         if h.units == "phones":
             if not Path(h.lexicon).is_file():
@@ -411,5 +418,6 @@ class ASRDataModule(pl.LightningDataModule):
         return eval_loader(ds, collate, self.trainer, self.hparams.num_workers, **self._batching(ds))
 
     def test_dataloader(self):
-        ds = self.splits["test"]
-        return eval_loader(ds, collate, self.trainer, self.hparams.num_workers, **self._batching(ds))
+        loaders = [eval_loader(self.splits[name], collate, self.trainer, self.hparams.num_workers,
+                               **self._batching(self.splits[name])) for name in self.test_names]
+        return loaders if len(loaders) > 1 else loaders[0]

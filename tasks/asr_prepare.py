@@ -4,15 +4,17 @@
 ``pydoc_data.topics`` and the standard library's docstrings), spoken by eSpeak NG (the library and voices that the
 ``espeakng-loader`` package bundles, called through ctypes), with eSpeak's phoneme transcription of exactly what it
 speaks (IPA, stress marks dropped): a real audio -> phoneme task. Several voices, speaking rates and pitches.
-Sentences never cross splits. Output: Kaldi data directories ``<out>/{train,dev,test}`` with ``wav.scp``, ``text``
+Sentences never cross splits (not even two that differ only in case or punctuation). With a ``--lexicon`` (CMUdict
+format; by default the one the ``pocketsphinx`` corpus below brings) only sentences whose every word it knows are
+kept, so that the task's targets (the words' CMUdict phonemes, ARPAbet) are exact and shared with the real-speech set. Output: Kaldi data directories ``<out>/{train,dev,test}`` with ``wav.scp``, ``text``
 (the sentence), ``phones`` (space-separated phonemes), ``utt2spk`` (the voice), and 16 kHz wavs in ``<out>/wav``.
 
 ``pocketsphinx``: the real (LibriVox and command) utterances with transcripts from the test data of pocketsphinx's
 source distribution, plus its CMUdict lexicon: ``pip download`` fetches the sdist once (or give ``--sdist``), and
 ``<out>/test`` is a Kaldi directory (``text`` in words; phones through ``<out>/cmudict-en-us.dict``).
 
-    python -m attnlab.tasks.asr_prepare synth --out data/asr_synth
     python -m attnlab.tasks.asr_prepare pocketsphinx --out data/asr_pocketsphinx
+    python -m attnlab.tasks.asr_prepare synth --out data/asr_synth
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch
 
 from attnlab.io import atomic_write
 
+from .asr import normalize_text, read_lexicon
 from .features import resample
 
 log = logging.getLogger("attnlab")
@@ -152,14 +155,27 @@ def write_kaldi_dir(root: Path, rows: list[dict], extra: tuple[str, ...] = ()) -
         atomic_write(root / name, "".join(f"{r['id']} {r[key]}\n" for r in rows))
 
 
-def prepare_synth(out: Path, n_sentences: int = 3000, n_dev: int = 200, n_test: int = 200, seed: int = 0,
-                  sample_rate: int = 16000, voices: tuple[str, ...] = VOICES) -> dict:
-    sentences = python_doc_sentences()
-    rng = np.random.default_rng(seed)
+def split_sentences(sentences: list[str], n_sentences: int, n_dev: int, n_test: int, rng: np.random.Generator,
+                    lexicon: dict | None = None) -> dict[str, list[str]]:
+    """{dev, test, train} of distinct sentences: one per normalised text (what the targets see), those with a word
+    the lexicon lacks dropped, ``n_sentences`` drawn at random."""
+    by_text = {}
+    for s in sentences:
+        words = normalize_text(s).split()
+        if lexicon is None or all(w in lexicon for w in words):
+            by_text.setdefault(" ".join(words), s)
+    sentences = sorted(by_text.values())
     sentences = [sentences[i] for i in rng.permutation(len(sentences))[:n_sentences]]
     if len(sentences) < n_dev + n_test + 1:
-        raise ValueError(f"only {len(sentences)} sentences found; lower --dev/--test")
-    splits = {"dev": sentences[:n_dev], "test": sentences[n_dev:n_dev + n_test], "train": sentences[n_dev + n_test:]}
+        raise ValueError(f"only {len(sentences)} usable sentences found; lower --dev/--test")
+    return {"dev": sentences[:n_dev], "test": sentences[n_dev:n_dev + n_test], "train": sentences[n_dev + n_test:]}
+
+
+def prepare_synth(out: Path, n_sentences: int = 3000, n_dev: int = 200, n_test: int = 200, seed: int = 0,
+                  sample_rate: int = 16000, voices: tuple[str, ...] = VOICES, lexicon: Path | None = None) -> dict:
+    rng = np.random.default_rng(seed)
+    splits = split_sentences(python_doc_sentences(), n_sentences, n_dev, n_test, rng,
+                             read_lexicon(lexicon) if lexicon else None)
     tts = Espeak()
     stats = {}
     for split, items in splits.items():
@@ -224,13 +240,19 @@ def main(argv=None):
     s.add_argument("--dev", type=int, default=200)
     s.add_argument("--test", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--lexicon", default="data/asr_pocketsphinx/cmudict-en-us.dict",
+                   help="keep only sentences whose words this CMUdict-format lexicon knows ('none': keep all)")
     ps = sub.add_parser("pocketsphinx", help="real speech from pocketsphinx's source distribution + CMUdict")
     ps.add_argument("--out", type=Path, default=Path("data/asr_pocketsphinx"))
     ps.add_argument("--sdist", type=Path, default=None, help="a downloaded pocketsphinx-*.tar.gz (else pip download)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.corpus == "synth":
-        stats = prepare_synth(a.out, a.sentences, a.dev, a.test, a.seed)
+        lexicon = None if a.lexicon == "none" else Path(a.lexicon)
+        if lexicon is not None and not lexicon.is_file():
+            p.error(f"no lexicon {lexicon}: run `python -m attnlab.tasks.asr_prepare pocketsphinx` first (it brings "
+                    f"CMUdict), or give --lexicon PATH, or --lexicon none")
+        stats = prepare_synth(a.out, a.sentences, a.dev, a.test, a.seed, lexicon=lexicon)
     else:
         stats = prepare_pocketsphinx(a.out, a.sdist)
     print(stats)

@@ -178,6 +178,10 @@ def corpus(tmp_path):
         (d / "text").write_text("u1 hello world\nu2 cat\n")
         (d / "phones").write_text("u1 h ə l oʊ w ɜː l d\nu2 k æ t\n")
         (d / "utt2spk").write_text("u1 s1\nu2 s2\n")
+    real = root / "real"  # a second test set: words only
+    real.mkdir()
+    (real / "wav.scp").write_text("r1 ../audio/u2.wav\n")
+    (real / "text").write_text("r1 Hello, cat!\n")
     (root / "lexicon.txt").write_text(LEXICON)
     (root / "train.tsv").write_text(f"# audio\ttranscript\n{root}/audio/u1.wav\tHello, world!\naudio/u2.wav\tcat\n")
     return root
@@ -228,6 +232,30 @@ def test_manifest_and_character_targets(corpus):
     assert [dm.label_text(t) for t in dm.splits["val"].targets] == ["hello world", "cat"]
 
 
+def test_extra_test_sets_are_read_in_order(corpus):
+    dm = make_dm(corpus, extra_test={"real": "real"})
+    assert dm.test_names == ["test", "test_real"]
+    assert [dm.label_text(t) for t in dm.splits["test_real"].targets] == ["HH AH L OW K AE T"]  # punctuation dropped
+    loaders = dm.test_dataloader()
+    assert len(loaders) == 2 and len(loaders[1].dataset) == 1
+    assert not isinstance(make_dm(corpus).test_dataloader(), list)  # one test set: one loader, as Lightning expects
+
+
+def test_synthetic_sentences_are_distinct_across_splits_and_known_to_the_lexicon():
+    from attnlab.tasks.asr_prepare import split_sentences
+    sentences = ["Hello world.", "Hello, world!", "hello world", "Cat world.", "World cat hello.", "Cat cat.",
+                 "Zorg cat.", "World, world.", "Hello cat."]
+    lexicon = {"hello": ["HH"], "world": ["W"], "cat": ["K"]}
+    splits = split_sentences(sentences, 100, 2, 2, np.random.default_rng(0), lexicon)
+    texts = {k: [asr.normalize_text(s) for s in v] for k, v in splits.items()}
+    flat = [t for v in texts.values() for t in v]
+    assert len(flat) == len(set(flat)) == 6  # the three spellings of "hello world" count once; "zorg" is dropped
+    assert all(w in lexicon for t in flat for w in t.split())
+    assert (len(splits["dev"]), len(splits["test"]), len(splits["train"])) == (2, 2, 2)
+    again = split_sentences(sentences, 100, 2, 2, np.random.default_rng(0), lexicon)
+    assert again == splits  # the seed decides
+
+
 def test_unknown_words_are_listed(corpus):
     (corpus / "dev" / "text").write_text("u1 hello planet\nu2 zorg cat\n")
     with pytest.raises(ValueError, match=r"2 words are not in the lexicon.*planet.*oov=skip"):
@@ -259,12 +287,14 @@ TINY = ["model.net.d_model=16", "model.net.n_heads=2", "model.net.d_ff=32", "mod
 def test_fast_dev_run(compose_cfg, corpus, attention, targets):
     from attnlab.train import run
     cfg = compose_cfg(["task=asr", f"attention={attention}", "logger=none", "trainer.fast_dev_run=true",
-                       "trainer.accelerator=cpu", f"task.data_dir={corpus}", "task.max_tokens=200", *TINY, *targets])
+                       "trainer.accelerator=cpu", f"task.data_dir={corpus}", "task.max_tokens=200",
+                       f"task.lexicon={corpus}/lexicon.txt", f"task.extra_test.real={corpus}/real", *TINY, *targets])
     results = run(cfg)
     m = results["metrics"]
     assert results["steps"] == 1 and all(v == v for v in m.values())
-    names = ["test/per", "test/cer", "test/wer"] if targets else ["test/per"]
-    assert all(0 <= m[k] for k in names) and m["test/loss"] > 0
+    names = ["per", "cer", "wer"] if targets else ["per"]
+    assert all(0 <= m[f"{split}/{k}"] for k in names for split in ("test", "test_real"))
+    assert m["test/loss"] > 0 and m["test_real/loss"] > 0
 
 
 def test_blstm_builds_from_its_config_and_trains(compose_cfg, corpus):

@@ -8,7 +8,8 @@
   averages gradients): W processes with batch B each train exactly like one with batch W*B.
 - A non-finite loss stops training with a message listing only the fixes not already in the config.
 - Evaluation metrics are torchmetrics objects per split (``self.metrics[split][name]``), computed across processes at
-  the end of the epoch and logged as ``{split}/{name}``.
+  the end of the epoch and logged as ``{split}/{name}``. A datamodule with several test sets names them in
+  ``test_names`` (``["test", "test_real"]``, one per test dataloader, in order).
 
 Subclasses set ``batch_kind`` and implement ``training_loss(batch) -> (loss_sum, n_scored)``, ``make_metrics()`` and
 ``evaluate(batch, split)``; ``derived(values)`` may add metrics computed from others (bits from loss, ...).
@@ -89,11 +90,21 @@ class BaseModule(pl.LightningModule):
                 ". Resume from the last good checkpoint with `ckpt_path=.../checkpoints/last.ckpt` and the new options.")
 
     # -- evaluation -------------------------------------------------------------------------------------------
+    def setup(self, stage: str):
+        # Runs before Lightning moves the module to its device, so metrics added here follow it there.
+        for name in self._test_names():
+            if name not in self.metrics:
+                self.metrics[name] = self.make_metrics()
+
+    def _test_names(self) -> list[str]:
+        dm = self.trainer.datamodule if self._trainer else None
+        return list(getattr(dm, "test_names", SPLITS[1:]))
+
     def validation_step(self, batch, batch_idx):
         self.evaluate(batch, "val")
 
-    def test_step(self, batch, batch_idx):
-        self.evaluate(batch, "test")
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self.evaluate(batch, self._test_names()[dataloader_idx])
 
     def _log_split(self, split: str):
         values = {name: m.compute() for name, m in self.metrics[split].items() if m.update_called}
@@ -108,7 +119,8 @@ class BaseModule(pl.LightningModule):
         self._log_split("val")
 
     def on_test_epoch_end(self):
-        self._log_split("test")
+        for name in self._test_names():
+            self._log_split(name)
 
     # -- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self):
