@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adaptive import AdaptiveInput, AdaptiveSoftmax, adaptive_options
 from .attention import build_attention
 
 
@@ -125,10 +126,14 @@ class Positions(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, vocab_size: int, d_model: int, max_len: int, positions: str, dropout: float):
+    def __init__(self, vocab_size: int, d_model: int, max_len: int, positions: str, dropout: float,
+                 adaptive: Mapping | None = None):
         super().__init__()
-        self.tok = nn.Embedding(vocab_size, d_model)
-        nn.init.normal_(self.tok.weight, std=d_model ** -0.5)
+        if adaptive is None:
+            self.tok = nn.Embedding(vocab_size, d_model)
+            nn.init.normal_(self.tok.weight, std=d_model ** -0.5)
+        else:  # Baevski & Auli: frequency bands of decreasing width, projected to d_model; scaled below as well
+            self.tok = AdaptiveInput(vocab_size, d_model, adaptive["cutoffs"], adaptive["factor"])
         self.pos = Positions(positions, max_len, d_model)
         self.scale = d_model ** 0.5
         self.dropout = nn.Dropout(dropout)
@@ -173,26 +178,41 @@ class TransformerEncoder(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    """Causal decoder: a language model when ``cross=False``, the decoder of a seq2seq model when True."""
+    """Causal decoder: a language model when ``cross=False``, the decoder of a seq2seq model when True.
+
+    ``adaptive`` (``attnlab.adaptive``): ``{cutoffs, factor, input, softmax, tie_proj, dropout}`` for adaptive input
+    and/or adaptive softmax; ``tie_embeddings`` then ties their bands. With an adaptive softmax every output
+    (``forward``, ``prefill``, ``step``) is log-probabilities over the vocabulary, valid logits for cross-entropy and
+    decoding alike, and training takes the cheaper ``head.nll(features(tokens), targets)``."""
 
     def __init__(self, attention: Mapping, vocab_size: int, max_len: int, d_model: int = 256, n_layers: int = 4,
                  n_heads: int = 8, d_ff: int | None = None, dropout: float = 0.1, *, norm_first: bool = True,
                  positions: str = "sinusoidal", tie_embeddings: bool = True, cross: bool = False,
-                 ffn_topk: int | None = None, ffn_chunk_size: int = 1024, memory_len: int | None = None):
+                 ffn_topk: int | None = None, ffn_chunk_size: int = 1024, memory_len: int | None = None,
+                 adaptive: Mapping | None = None):
         super().__init__()
         self.vocab_size, self.max_len = vocab_size, max_len
-        self.embed = Embedding(vocab_size, d_model, max_len, positions, dropout)
+        ad = adaptive_options(adaptive, tie_embeddings) if adaptive is not None else {}
+        self.embed = Embedding(vocab_size, d_model, max_len, positions, dropout, ad if ad.get("input") else None)
         self.stack = Stack(n_layers, "decoder", attention, d_model, n_heads, d_ff or 4 * d_model, dropout,
                            norm_first=norm_first, cross=cross, ffn_topk=ffn_topk, ffn_chunk_size=ffn_chunk_size,
                            max_len=max_len, memory_len=memory_len)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
-            self.head.weight = self.embed.tok.weight
+        if ad.get("softmax"):
+            self.head = AdaptiveSoftmax(vocab_size, d_model, ad["cutoffs"], ad["factor"], ad["dropout"])
+            if tie_embeddings:
+                self.head.tie(self.embed.tok, proj=ad["tie_proj"])
+        else:
+            self.head = nn.Linear(d_model, vocab_size, bias=False)
+            if tie_embeddings:
+                self.head.weight = self.embed.tok.weight
+
+    def features(self, tokens, key_padding_mask=None, memory=None, memory_padding_mask=None):
+        """tokens (B, T) -> the last hidden states (B, T, d_model), before the output head."""
+        return self.stack(self.embed(tokens), key_padding_mask, memory, memory_padding_mask)
 
     def forward(self, tokens, key_padding_mask=None, memory=None, memory_padding_mask=None):
-        """tokens (B, T) -> logits (B, T, vocab)."""
-        x = self.embed(tokens)
-        return self.head(self.stack(x, key_padding_mask, memory, memory_padding_mask))
+        """tokens (B, T) -> logits (B, T, vocab) (log-probabilities with an adaptive softmax)."""
+        return self.head(self.features(tokens, key_padding_mask, memory, memory_padding_mask))
 
     # -- incremental decoding (the model interface of attnlab.decoding) -------------------------------------
     def init_state(self, batch_size: int, memory=None, memory_padding_mask=None) -> dict:

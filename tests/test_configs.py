@@ -25,6 +25,8 @@ DATA = {"vocab_size": 37, "src_vocab_size": 37, "max_len": 64, "max_source_len":
 
 def build_net(cfg):
     net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    if (net.get("adaptive") or {}).get("cutoffs") and net.get("vocab_size") is None:  # a vocabulary past the cutoffs
+        net["vocab_size"] = max(net["adaptive"]["cutoffs"]) + DATA["vocab_size"]
     for key, value in DATA.items():
         if key in net and net[key] is None:
             net[key] = value
