@@ -76,7 +76,7 @@ def build(cfg: DictConfig):
     an attention variant that cannot serve a role) is raised here, before training starts."""
     check_model_fits_task(cfg)
     try:
-        datamodule = hydra.utils.instantiate(cfg.task)
+        datamodule = hydra.utils.instantiate(cfg.task, _convert_="all")  # plain containers: checkpoints load safely
         net = hydra.utils.instantiate(net_config(cfg, datamodule))
         model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "net"}
         # optimizer / scheduler stay plain config (instantiated by the module): checkpoints hold no callables

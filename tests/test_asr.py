@@ -297,9 +297,21 @@ def test_fast_dev_run(compose_cfg, corpus, attention, targets):
     assert m["test/loss"] > 0 and m["test_real/loss"] > 0
 
 
+def test_a_trained_run_tests_its_best_checkpoint_on_every_test_set(compose_cfg, corpus):
+    """Not fast_dev_run: a checkpoint is written and the test loads it back with weights_only=True, so everything the
+    datamodule saved in it (its hyperparameters, the extra test sets among them) must be plain data."""
+    from attnlab.train import run
+    cfg = compose_cfg(["task=asr", "attention=linear", "logger=none", "trainer.accelerator=cpu", "trainer.max_steps=2",
+                       "trainer.val_check_interval=2", f"task.data_dir={corpus}", "task.max_tokens=200",
+                       f"task.lexicon={corpus}/lexicon.txt", f"task.extra_test.real={corpus}/real", *TINY])
+    results = run(cfg)
+    assert results["steps"] == 2 and {"test/per", "test_real/per"} <= set(results["metrics"])
+
+
 def test_blstm_builds_from_its_config_and_trains(compose_cfg, corpus):
     from attnlab.train import build
     cfg = compose_cfg(["task=asr", "model/net=blstm", "logger=none", f"task.data_dir={corpus}",
+                       f"task.lexicon={corpus}/lexicon.txt", "task.extra_test=null",
                        "model.net.hidden_size=8", "model.net.n_layers=2"])
     datamodule, model, trainer = build(cfg)
     datamodule.setup("fit")

@@ -48,6 +48,10 @@ def test_graph_replay_equals_eager_decoding(variant):
     with torch.autocast("cuda", torch.bfloat16):  # another precision is another graph
         greedy(graphs, prefix, 3)
     assert graphs.captures == (0 if variant == "softmax" else 2)
+    with torch.autocast("cuda", torch.bfloat16):  # replayed in a later autocast context than it was captured in
+        a = greedy(graphs, prefix, 40)
+        b = greedy(net, prefix, 40)
+    assert torch.equal(a, b) and graphs.captures == (0 if variant == "softmax" else 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -58,3 +62,10 @@ def test_a_reordered_state_is_copied_into_the_graph():
     a = beam_search(CUDAGraphs(net), prefix, eos=1, beam_size=4, max_len_b=20)
     b = beam_search(net, prefix, eos=1, beam_size=4, max_len_b=20)
     assert [[h.tokens.tolist() for h in x] for x in a] == [[h.tokens.tolist() for h in x] for x in b]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_the_length_limit_is_still_named():
+    net = decoder("linear", "cuda")
+    with pytest.raises(ValueError, match="max_len=64"):
+        greedy(CUDAGraphs(net), torch.zeros(1, 60, dtype=torch.long, device="cuda"), 10)

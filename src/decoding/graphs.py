@@ -13,6 +13,8 @@ the one the graph owns (a new search, or ``reorder_state`` in beam search) is co
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _TENSOR = object()  # marks where a state holds a tensor, in the structure a graph is captured for
@@ -59,9 +61,9 @@ class CUDAGraphs:
 
     def step(self, tokens: torch.Tensor, state: dict, pad=None) -> torch.Tensor:
         tokens = tokens.view(-1, 1)
-        if not self.graphable(tokens, state, pad):
+        past_end = self.max_len is not None and state.get("pos", 0) + 1 > self.max_len
+        if past_end or not self.graphable(tokens, state, pad):  # (the eager step names the length limit)
             return self.model.step(tokens, state, pad)
-        self.model.embed.pos.check_length(state["pos"] + 1)  # the graph reads the position from memory: check here
         key = _signature(state, tokens)
         if key != self.key:
             self._capture(tokens, state, key)
@@ -101,7 +103,12 @@ class CUDAGraphs:
                          for states in state["layers"]]
         self.leaves = [v.clone() for v in _leaves(state)]
         self.tokens, self.pos = tokens.clone(), torch.tensor(state["pos"], device=tokens.device)
-        with torch.no_grad():
+        dev = tokens.device.type
+        # Autocast caches the low-precision copies of the weights for the life of its context; a graph that read them
+        # would read freed memory once that context ends. Captured without the cache, the casts are in the graph.
+        amp = torch.autocast(dev, torch.get_autocast_dtype(dev), cache_enabled=False) \
+            if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+        with torch.no_grad(), amp:
             saved = [v.clone() for v in self.leaves]
             self.logits = self.model.step(self.tokens, _copy_state(state))  # shapes and dtypes of the output
             side = torch.cuda.Stream()
