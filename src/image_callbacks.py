@@ -5,7 +5,8 @@ Tables 1/2 throughput column).
 Decoding modes (``mode``):
 
 - ``state``: the network's own incremental form: the recurrent state of linear attention / MemSizer / Performer, the
-  KV cache of softmax attention (the paper's "stateful-softmax"), Reformer's growing key store;
+  KV cache of softmax attention (the paper's "stateful-softmax"), Reformer's growing key store; on a GPU, fixed-size
+  states step through a CUDA graph (``attnlab.decoding.CUDAGraphs``: the same kernels, one launch per token);
 - ``recompute``: no cache, every step re-runs the parallel form over the whole prefix (the paper's "softmax" row).
 
 Both draw the same images from the same weights and seed (up to floating-point rounding of the logits).
@@ -22,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 
 from .attention import ConfigError
-from .decoding import Recompute, sample
+from .decoding import CUDAGraphs, Recompute, sample
 from .io import atomic_write
 
 log = logging.getLogger("attnlab")
@@ -35,7 +36,7 @@ def decoder_for(net, mode: str):
         raise ConfigError(f"unknown sampling mode {mode!r}. Fix: `callbacks.image_samples.mode=state` (recurrent "
                           f"state / KV cache) or `=recompute` (no cache)")
     net = getattr(net, "_orig_mod", net)  # torch.compile wrapper: step through the module itself
-    return net if mode == "state" else Recompute(net)
+    return CUDAGraphs(net) if mode == "state" else Recompute(net)
 
 
 @torch.no_grad()
