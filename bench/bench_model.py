@@ -213,7 +213,7 @@ def main():
     ap.add_argument("--label", default="after")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--T", nargs="+", type=int, default=[1024, 4096, 8192, 16384])
-    ap.add_argument("--gen-variants", nargs="+",
+    ap.add_argument("--gen-variants", nargs="*",
                     default=["linear", "linear+graph", "memsizer", "memsizer+graph", "softmax"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 256])
     ap.add_argument("--steps", type=int, default=6)

@@ -175,8 +175,12 @@ def list_utterances(root: Path, fmt: str, text_file: str, use_feats_scp: bool) -
         return out
     if fmt == "librispeech":
         if not root.is_dir():
-            raise FileNotFoundError(f"no LibriSpeech split {root} (e.g. LibriSpeech/dev-clean: "
-                                    f"<speaker>/<chapter>/<speaker>-<chapter>.trans.txt and the .flac files)")
+            raise FileNotFoundError(
+                f"no LibriSpeech split {root} (e.g. LibriSpeech/dev-clean: <speaker>/<chapter>/"
+                f"<speaker>-<chapter>.trans.txt and the .flac files). Fix: download it from https://openslr.org/12 "
+                f"and unpack it in {root.parent.parent}, or with torchaudio: `python -c \"import torchaudio; "
+                f"torchaudio.datasets.LIBRISPEECH('{root.parent.parent}', url='{root.name}', download=True)\"` "
+                f"(then task.data_dir={root.parent.parent}/LibriSpeech)")
         out = []
         for trans in sorted(root.glob("*/*/*.trans.txt")):
             for utt, text in read_table(trans).items():

@@ -1,8 +1,10 @@
 """Language modelling over a text corpus (WikiText-style): contiguous blocks of ``tokens_per_sample`` tokens.
 
 ``data_dir`` holds a monolingual fairseq data-bin (``dict.txt``, ``{train,valid,test}.bin/.idx``; e.g.
-``python -m attnlab.tasks.prepare bible``) or raw text ``{train,valid,test}.txt``, one line per example, which is
-binarized once with a word-level vocabulary (whitespace tokens, no sentencepiece) into ``{data_dir}/.attnlab-bin``.
+``python -m attnlab.tasks.prepare bible``), raw text ``{train,valid,test}.txt``, one line per example, or a Hugging
+Face dataset saved with ``save_to_disk`` (its ``hf_field``, e.g. WikiText's ``text``; splits train / validation /
+test), which are binarized once with a word-level vocabulary (whitespace tokens, no sentencepiece) into
+``{data_dir}/.attnlab-bin``.
 Each line ends in eos, and a split is one stream of tokens, lines back to back (fairseq's ``--sample-break-mode
 none``); eos is predicted like any token (the line break).
 
@@ -22,7 +24,6 @@ log-likelihood per scored token).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -31,7 +32,7 @@ from torch.utils.data import Dataset
 from ..attention import ConfigError
 from .fairseq_data import load_monolingual
 from .sampling import eval_loader, train_loader
-from .translation import binarize_once, detect_format, missing_data_error
+from .translation import data_bin
 
 log = logging.getLogger("attnlab")
 
@@ -100,15 +101,15 @@ class LMDataModule(pl.LightningDataModule):
     def __init__(self, data_dir: str, tokens_per_sample: int = 512, batch_size: int | None = 16,
                  max_tokens: int | None = None, eval_stride: int | None = None, eval_batch_size: int | None = None,
                  format: str = "auto", valid_split: str = "valid", test_split: str = "test",
-                 prepare_command: str | None = None, seed: int = 0, num_workers: int = 0):
+                 prepare_command: str | None = None, seed: int = 0, num_workers: int = 0, hf_field: str = "text"):
         super().__init__()
         if (batch_size is None) == (max_tokens is None):
             raise ConfigError("give exactly one of task.batch_size and task.max_tokens (the other null)")
         if max_tokens is not None and max_tokens < tokens_per_sample:
             raise ConfigError(f"task.max_tokens={max_tokens} is less than one block (tokens_per_sample="
                               f"{tokens_per_sample})")
-        if format not in ("auto", "fairseq", "raw"):
-            raise ConfigError(f"task.format={format!r}: expected auto, fairseq or raw")
+        if format not in ("auto", "fairseq", "raw", "hf"):
+            raise ConfigError(f"task.format={format!r}: expected auto, fairseq, raw or hf")
         stride = eval_stride or tokens_per_sample
         if not 1 <= stride <= tokens_per_sample:
             raise ConfigError(f"task.eval_stride={eval_stride} must be in [1, tokens_per_sample={tokens_per_sample}]")
@@ -119,11 +120,8 @@ class LMDataModule(pl.LightningDataModule):
         if self._loaded:
             return
         h = self.hparams
-        data_dir = Path(h.data_dir)
-        if not data_dir.is_dir():
-            raise missing_data_error(data_dir, h.prepare_command)
-        fmt = detect_format(data_dir, False) if h.format == "auto" else h.format
-        bin_dir = data_dir if fmt == "fairseq" else binarize_once(data_dir, "raw", None, None, tokenizer="none")
+        # word-level: whitespace tokens, no sentencepiece
+        bin_dir = data_bin(h.data_dir, h.format, h.prepare_command, False, None, None, h.hf_field, tokenizer="none")
         self.streams = {}
         for stage, split in (("train", "train"), ("val", h.valid_split), ("test", h.test_split)):
             ds, self.dictionary = load_monolingual(bin_dir, split)

@@ -58,6 +58,17 @@ def detect_format(data_dir: Path, parallel: bool) -> str:
     return "raw"
 
 
+def data_bin(data_dir, fmt: str, prepare_command: str | None, parallel: bool, *binarize_args, **binarize_kw) -> Path:
+    """The data-bin to read for ``data_dir``: itself when it is one, else its raw text / HF dataset binarized once
+    (``binarize_once(data_dir, fmt, *binarize_args, **binarize_kw)``); ``fmt`` "auto" is detected. A missing folder
+    is an error naming ``prepare_command``."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise missing_data_error(data_dir, prepare_command)
+    fmt = detect_format(data_dir, parallel) if fmt == "auto" else fmt
+    return data_dir if fmt == "fairseq" else binarize_once(data_dir, fmt, *binarize_args, **binarize_kw)
+
+
 def binarize_once(data_dir: Path, fmt: str, src: str | None, tgt: str | None, hf_fields: str | None = None,
                   tokenizer: str = "spm", vocab_size: int = 8000) -> Path:
     """Raw text / an HF dataset -> ``{data_dir}/.attnlab-bin`` (once; a complete directory appears atomically, so
@@ -180,12 +191,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         if self._loaded:
             return
         h = self.hparams
-        data_dir = Path(h.data_dir)
-        if not data_dir.is_dir():
-            raise missing_data_error(data_dir, h.prepare_command)
-        fmt = detect_format(data_dir, True) if h.format == "auto" else h.format
-        bin_dir = data_dir if fmt == "fairseq" else binarize_once(data_dir, fmt, h.source_lang, h.target_lang,
-                                                                  h.hf_fields, vocab_size=h.vocab_size)
+        bin_dir = data_bin(h.data_dir, h.format, h.prepare_command, True, h.source_lang, h.target_lang,
+                           h.hf_fields, vocab_size=h.vocab_size)
         self.bin_dir = bin_dir
         self.post_process = post_process_of(bin_dir)
         self.datasets, self.raw_sizes = {}, {}

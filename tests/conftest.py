@@ -1,4 +1,5 @@
 import os
+import random
 from pathlib import Path
 
 # The Triton kernels are tested on the CPU by Triton's interpreter. It must be on before Triton is first imported
@@ -22,6 +23,8 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--runslow"):
+        # longest first: with several test processes (pytest -n), the short tests then fill in around the long ones
+        items.sort(key=lambda item: "slow" not in item.keywords)
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")
     for item in items:
@@ -61,3 +64,15 @@ def poison(monkeypatch):
         return t.fill_(float("nan") if t.is_floating_point() else -7)
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+@pytest.fixture(scope="module")
+def raw_text_dir(tmp_path_factory):
+    """Raw {train,valid,test}.txt of random lines over 12 words: a word-level LM corpus (vocabulary 4 specials + 12)."""
+    root = tmp_path_factory.mktemp("text")
+    rng = random.Random(0)
+    words = "in the beginning god created heaven and earth light was good".split()
+    for split, n in (("train", 120), ("valid", 20), ("test", 20)):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root

@@ -2,7 +2,6 @@
 in value and gradient, argmax without the full matrix, tying, argument errors, decoding through a decoder that has
 both (prefill = steps = parallel), the LM module's exact loss, and fast_dev_run of task=lm with them."""
 import math
-import random
 
 import pytest
 import torch
@@ -186,17 +185,6 @@ def test_lm_module_loss_and_accuracy_are_exact():
                                                                   reduction="sum")), rel=1e-6)
     assert int(correct) == int(((lp.argmax(-1) == targets) & scored).sum()) and int(n) == int(scored.sum())
     assert train_correct is None and float(train_sum) == pytest.approx(float(loss_sum), rel=1e-12)
-
-
-@pytest.fixture(scope="module")
-def raw_text_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    rng = random.Random(0)
-    words = "in the beginning god created heaven and earth light was good".split()
-    for split, n in (("train", 120), ("valid", 20), ("test", 20)):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
-        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return root  # vocabulary: 4 specials + 12 words = 16
 
 
 @pytest.mark.parametrize("adaptive", ["{cutoffs:[6,10],factor:2,tie_proj:true,dropout:0.1}",

@@ -370,6 +370,9 @@ def test_librispeech_layout(tmp_path):
                  units="chars")
     assert [dm.label_text(t) for t in dm.splits["test"].targets] == ["northanger abbey", "chapter one"]
     assert dm.splits["train"].frames == [28, 28]
+    with pytest.raises(FileNotFoundError, match=r"no LibriSpeech split .*test-other.*openslr.org/12.*torchaudio"):
+        make_dm(tmp_path, format="librispeech", train="train-clean-100", val="dev-clean", test="test-other",
+                units="chars")
 
 
 def test_kaldi_feats_scp_is_read_instead_of_the_audio(corpus):

@@ -151,3 +151,23 @@ def test_custom_op_passes_opcheck():
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     finally:
         chunk.CONFIG.update(old)
+
+
+def test_step_dispatch_falls_back_for_features_wider_than_the_kernel(monkeypatch):
+    """backend='auto' where Triton would run (a GPU; here the interpreter stands in): features wider than 256 (e.g.
+    Performer's random features) take the PyTorch step instead of failing; a forced backend='triton' still refuses."""
+    import attnlab.kernels.linear_attn as op
+    monkeypatch.setattr(op, "use_triton", lambda backend, *t: backend != "torch")
+    calls = []
+    real = recurrent.linear_attention_step_triton
+    monkeypatch.setattr(recurrent, "linear_attention_step_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(7)
+    for d, expect_kernel in [(8, True), (300, False)]:
+        q, k = torch.randn(2, 1, d, generator=g), torch.randn(2, 1, d, generator=g)
+        v, S, z = torch.randn(2, 1, 4, generator=g), torch.zeros(2, 1, d, 4), torch.zeros(2, 1, d)
+        calls.clear()
+        y = op.linear_attention_step(q, k, v, S, z)[0]
+        ref = linear_attention_step_ref(*(t.double() for t in (q, k, v, S, z)))[0]
+        assert bool(calls) == expect_kernel and rel(y, ref) < 1e-5
+    with pytest.raises(ValueError, match="backend='torch'"):
+        op.linear_attention_step(q, k, v, S, z, backend="triton")

@@ -5,7 +5,10 @@ Slow: run with `pytest --runslow`. Budgets are counted in optimizer steps, not s
 depend on the machine: data, initialisation and dropout are seeded, and the curve is the same on any CPU. Each run
 stops as soon as validation accuracy (every 100 steps, 512 samples) reaches its target. Where each variant crossed its
 target when the budgets were set (steps; the 2-core CI machine does ~25 steps/s with one thread) is in VARIANTS."""
+import json
+
 import pytest
+from filelock import FileLock
 
 from attnlab.train import run
 
@@ -17,16 +20,18 @@ LEARN = ["task.max_len=32", "logger=none", "trainer.accelerator=cpu", "trainer.v
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One training run per variant, shared by the tests below."""
-    cache = {}
+    """One training run per variant, shared by the tests below, also across test processes (pytest -n): the run
+    folder lies in the base temp dir they share, and a lock makes a second process wait for the first's run."""
+    shared = tmp_path_factory.getbasetemp().parent
 
     def get(attention, compose_cfg, overrides, target):
         """Train until val/acc >= target (then stop) or the step budget in ``overrides`` runs out."""
-        if attention not in cache:
-            out = tmp_path_factory.mktemp(attention)
-            stop = f"+callbacks.target.stopping_threshold={target}"
-            cache[attention] = (run(compose_cfg([f"attention={attention}", *LEARN, stop, *overrides], out=out)), out)
-        return cache[attention]
+        out = shared / f"learn-{attention}"
+        with FileLock(str(out) + ".lock"):
+            if not (out / "results.json").exists():
+                stop = f"+callbacks.target.stopping_threshold={target}"
+                run(compose_cfg([f"attention={attention}", *LEARN, stop, *overrides], out=out))
+        return json.loads((out / "results.json").read_text()), out
     return get
 
 

@@ -1,7 +1,6 @@
 """Language modelling task: blocks, sliding-window perplexity (against prefill with the decoding library and against
 a hand computation), and fast_dev_run of task=lm on raw text binarized by preprocess."""
 import math
-import random
 
 import pytest
 import torch
@@ -105,17 +104,6 @@ def test_sliding_window_equals_prefill_of_context_then_block():
         assert _eval_ppl(_module(full_net), WindowDataset(stream, 64, stride))[1] == pytest.approx(full, rel=1e-6)
 
 
-@pytest.fixture(scope="module")
-def raw_text_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    rng = random.Random(0)
-    words = "in the beginning god created heaven and earth light was good".split()
-    for split, n in (("train", 120), ("valid", 20), ("test", 20)):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
-        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return root
-
-
 def test_raw_text_is_binarized_word_level(raw_text_dir):
     dm = LMDataModule(str(raw_text_dir), tokens_per_sample=16, batch_size=4)
     args = dm.net_args()
@@ -138,3 +126,15 @@ def test_fast_dev_run_lm(compose_cfg, raw_text_dir, tmp_path, attention):
                        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"], out=tmp_path / "run")
     m = run(cfg)["metrics"]
     assert 1 < m["test/ppl"] < 1e4 and m["test/ppl"] == pytest.approx(math.exp(m["test/loss"]), rel=1e-5)
+
+
+def test_hugging_face_dataset_on_disk_is_read_word_level(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    text = {"train": ["in the beginning", "god created heaven"], "validation": ["the beginning"], "test": ["god"]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in text.items()}).save_to_disk(
+        str(tmp_path / "wiki"))
+    dm = LMDataModule(str(tmp_path / "wiki"), tokens_per_sample=4, batch_size=2)  # format auto: detected
+    dm.net_args()
+    d = dm.dictionary
+    assert d.string(dm.streams["val"]) == "the beginning" and d.string(dm.streams["test"]) == "god"
+    assert len(dm.streams["train"]) == 3 + 1 + 3 + 1  # words and an eos per line

@@ -26,7 +26,9 @@ def linear_attention(q, k, v, causal: bool = True, eps: float = 1e-6, feature_ma
 
 def linear_attention_step(q, k, v, S, z, eps: float = 1e-6, feature_map: str | None = "elu1", write=None,
                           backend: str = "auto"):
-    if use_triton(backend, q, k, v):
+    # the step kernel holds a feature row in one tile: wider features (Performer's random features, d > 256 heads)
+    # take the PyTorch step unless the kernel is forced, as the parallel op falls back on NoFit
+    if use_triton(backend, q, k, v) and (backend == "triton" or q.shape[-1] <= 256):
         from .recurrent import linear_attention_step_triton
         return linear_attention_step_triton(q, k, v, S, z, eps=eps, feature_map=feature_map, write=write)
     return linear_attention_step_ref(q, k, v, S, z, eps=eps, feature_map=feature_map, write=write)
