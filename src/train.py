@@ -268,10 +268,29 @@ def _describe(roles: dict) -> str:
     return "; ".join(f"{r}: {v['name']} {v['options']}" for r, v in roles.items())
 
 
+def parameter_mismatch(saved: dict, model) -> list[str]:
+    """How the parameters in a checkpoint's state_dict differ from the model's (a few of each kind), or []."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in saved]
+    extra = [k for k in saved if k not in own]
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(v.shape)]
+    return [f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing from the checkpoint", missing), ("not in this model", extra),
+                               ("of another shape (checkpoint vs model)", shapes)) if keys]
+
+
 def check_checkpoint(cfg: DictConfig, ckpt: dict, model, path: str) -> dict:
     """What a resume / an evaluation of ``ckpt`` changes, logged and (for training) applied or refused."""
     trained = (ckpt.get("attnlab") or {}).get("attention_roles")
     now = attention_roles(cfg, model.batch_kind)
+    mismatch = parameter_mismatch(ckpt.get("state_dict", {}), model)
+    if mismatch:
+        was = f" It was trained with attention {_describe(trained)}; this run builds {_describe(now)}." \
+            if trained and trained != now else ""
+        raise ConfigError(f"{path} does not fit the model this config builds: parameters " + "; ".join(mismatch) +
+                          f".{was} Fix: the options the checkpoint was trained with (attention, model.net sizes; "
+                          f"see its run's .hydra/config.yaml), or a variant with the same parameters.")
     step = int(ckpt.get("global_step", 0))
     if trained is None:
         log.info("%s does not record its attention variant (written before attnlab stored it)", path)

@@ -207,6 +207,10 @@ def test_attention_per_role_is_logged_and_a_changed_variant_is_named(compose_cfg
     run(compose_cfg([*QUIET, *TINY, "attention=linear", "train=false", f"ckpt_path={last}"], out=tmp_path / "eval"))
     infos = [r for r in caplog.records if "trained with attention decoder: softmax" in r.message]
     assert infos and infos[0].levelno == logging.INFO  # said, not warned: evaluating with another variant is a feature
+    for mode in ("trainer.max_steps=5", "train=false"):  # a variant with other parameters: named, not a raw load error
+        with pytest.raises(ConfigError, match=r"does not fit the model.*not in this model.*trained with attention "
+                                              r"decoder: softmax.*builds decoder: memsizer"):
+            run(compose_cfg([*COMMON, "attention=memsizer", mode, f"ckpt_path={last}"], out=tmp_path / mode.split("=")[0]))
 
 
 def test_generate_with_an_empty_prefix_is_a_clear_error(compose_cfg):

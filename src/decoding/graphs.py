@@ -1,7 +1,7 @@
 """Decode steps replayed from a CUDA graph: one launch per token instead of hundreds.
 
 A decode step of a small model is host-bound: a 16-layer model issues a few hundred kernels per token, each costing
-more CPU time to launch than GPU time to run (NOTES.md). ``CUDAGraphs(model)`` is a model for the search functions
+more CPU time to launch than GPU time to run (bench/RESULTS.md: 9.3 ms per token eager, 1.1 ms replayed). ``CUDAGraphs(model)`` is a model for the search functions
 (``greedy(CUDAGraphs(net), prefix, n)``): ``init_state``, ``prefill`` and ``reorder_state`` are the model's own;
 ``step`` captures the model's step once into a CUDA graph over static buffers (the token, the position, every state
 tensor) and replays it afterwards. The graph computes exactly what the eager step computes, on the same kernels.
@@ -9,7 +9,8 @@ tensor) and replays it afterwards. The graph computes exactly what the eager ste
 It applies when the state keeps its shapes from step to step: the recurrent states of linear attention, MemSizer and
 Performer, and cross-attention over a fixed memory. A growing KV cache (softmax, top-k, Reformer) changes shape, so
 those steps run eagerly; so does every step on the CPU, and a step with a padding mask. A state handed in that is not
-the one the graph owns (a new search, or ``reorder_state`` in beam search) is copied into the graph's buffers first.
+the one the graph owns (a new search, or ``reorder_state`` in beam search) is copied into the graph's buffers first,
+and after the step it holds those buffers: one live state per wrapper (two searches interleaved need two wrappers).
 """
 from __future__ import annotations
 
