@@ -82,7 +82,9 @@ def linear_attention_chunked_torch(q, k, v, causal: bool = True, eps: float = 1e
     path, 10x faster than the cumsum form at small T and without its O(T * d * dv) memory."""
     if not causal:
         return linear_attention_ref(q, k, v, False, eps, feature_map, key_padding_mask)
-    q, k = feature(q, feature_map), feature(k, feature_map)
+    # contiguous first: under torch.compile (AOT autograd, torch 2.13 CPU) elu's backward on the (B, H, T, d) view
+    # of a (B, T, H*d) projection gets other strides than traced, and a later view fails at run time
+    q, k = feature(q.contiguous(), feature_map), feature(k.contiguous(), feature_map)
     if key_padding_mask is not None:
         k = k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     ones = v.new_ones(*v.shape[:-1], 1)  # the denominator phi(q).z_t is the numerator's sum with v = 1
