@@ -40,12 +40,17 @@ def trained(tmp_path_factory):
 # 0.986 at 2600 (0.992 by 2800); top-k (a quarter of the 64 keys) 0.93 before the decay, 0.972 at 2600; linear 0.88
 # at 3000, 0.90 at 3800, 0.918 at 5000 (it learns copying more slowly than softmax); MemSizer (32 decoder slots)
 # does not learn copying well at this size: 0.51 at 1300, 0.60 at 2500, 0.68 at 4000.
+# With test processes (pytest -n, --dist loadgroup) the runs go to two groups of about equal length, each group to
+# one process, so both start at once and the short tests fill in around them; softmax's group holds the test that
+# reuses its checkpoint.
+GROUP = {"softmax": "learn-a", "topk": "learn-a", "linear": "learn-b", "memsizer": "learn-b"}
 VARIANTS = [("softmax", [], 3500, 0.95), ("linear", [], 5000, 0.88), ("topk", ["attention.k=16"], 3500, 0.95),
             ("memsizer", ["attention.decoder.k=32"], 4000, 0.5)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention,overrides,budget,target", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("attention,overrides,budget,target",
+                         [pytest.param(*v, id=v[0], marks=pytest.mark.xdist_group(GROUP[v[0]])) for v in VARIANTS])
 def test_copy_task_is_learned_within_its_step_budget(trained, compose_cfg, attention, overrides, budget, target):
     results, _ = trained(attention, compose_cfg, [f"trainer.max_steps={budget}", *overrides], target)
     acc = results["metrics"]["val/acc"]
@@ -54,6 +59,7 @@ def test_copy_task_is_learned_within_its_step_budget(trained, compose_cfg, atten
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(GROUP["softmax"])
 def test_softmax_checkpoint_evaluated_with_topk_loses_under_one_point(trained, compose_cfg, tmp_path):
     results, out = trained("softmax", compose_cfg, ["trainer.max_steps=3500"], 0.95)
     ckpt = next((out / "checkpoints").glob("step*.ckpt"))  # the best checkpoint: the one the test metrics used
