@@ -1,11 +1,13 @@
-"""Benchmark of the attention ops: time and peak memory against PyTorch SDPA (flash), plus decode-step latency.
+"""Benchmark of the attention ops: time and peak memory against PyTorch SDPA, plus decode-step latency.
 
     PYTHONPATH=. python bench/bench_attention.py --out bench/out [--quick] [--T 512 1024] [--variants ...]
     PYTHONPATH=. python bench/bench_attention.py --device cpu --quick      # logic check without a GPU
 
 For every variant and T: forward (under no_grad) and forward+backward time (median over CUDA-event-timed calls,
 L2 flushed before each) and peak memory (max_memory_allocated after a reset, minus what was allocated before
-the call: inputs, upstream gradient). Ratios are against SDPA flash measured in the same run at the same shape.
+the call: inputs, upstream gradient). Ratios are against the baseline measured in the same run at the same shape:
+``sdpa`` (SDPA's default backend selection, the fastest it has: cuDNN on Hopper) when it is among the variants,
+else ``sdpa_flash``.
 Every measurement is in its own try/except: OOM and errors are recorded in the JSON, never fatal. See README.md.
 """
 from __future__ import annotations
@@ -27,10 +29,11 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import plot  # noqa: E402  bench/plot.py: the script's folder is on sys.path when run as `python bench/bench_attention.py`
 
-ALL_VARIANTS = ["sdpa_flash", "linear_triton", "linear_torch", "linear_ref", "fla_chunk", "memsizer_triton",
-                "memsizer_torch", "memsizer_ref", "topk_triton", "topk_torch"]
+ALL_VARIANTS = ["sdpa", "sdpa_flash", "linear_triton", "linear_torch", "linear_ref", "fla_chunk", "fla_chunk_raw",
+                "memsizer_triton", "memsizer_torch", "memsizer_ref", "topk_triton", "topk_torch"]
 # Cost grows as T**order: used to predict the next T's time from the last one and skip calls that would be too long.
-ORDER = {"sdpa_flash": 2, "linear_triton": 1, "linear_torch": 1, "linear_ref": 1, "fla_chunk": 1,
+ORDER = {"sdpa": 2, "sdpa_flash": 2, "linear_triton": 1, "linear_torch": 1, "linear_ref": 1, "fla_chunk": 1,
+         "fla_chunk_raw": 1,
          "memsizer_triton": 1, "memsizer_torch": 1, "memsizer_ref": 1, "topk_triton": 2, "topk_torch": 2}
 
 
@@ -42,6 +45,15 @@ def _sdpa(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _sdpa_default(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # whatever backend SDPA picks (cuDNN on Hopper)
+
+
+def baseline_of(variants) -> str:
+    """The variant every ratio is against: SDPA's default selection when measured, else its flash backend."""
+    return "sdpa" if "sdpa" in variants else "sdpa_flash"
 
 
 def _sdpa_ref(q, k, v):
@@ -62,6 +74,8 @@ def make_variant(name, a):
     """Returns (make, ref) for a variant, importing what it needs (ImportError propagates: variant unavailable)."""
     if name == "sdpa_flash":
         return (lambda B, H, T: (_qkv(a, B, H, T), _sdpa)), _sdpa_ref
+    if name == "sdpa":
+        return (lambda B, H, T: (_qkv(a, B, H, T), _sdpa_default)), _sdpa_ref
     if name.startswith("linear_"):
         from attnlab.kernels.linear_attn import linear_attention
         from attnlab.kernels.linear_attn.reference import linear_attention_ref
@@ -84,6 +98,20 @@ def make_variant(name, a):
             t = lambda x: x.transpose(1, 2)  # noqa: E731
             return t(linear_attention_ref(t(q), t(k), t(v), causal=True))
         return (lambda B, H, T: (_qkv(a, B, H, T, layout="bthd"), fn)), ref
+    if name == "fla_chunk_raw":  # fla's fastest form: features mapped before the timing, no normaliser, scale 1
+        if a.device.type != "cuda":
+            raise ImportError("fla needs CUDA (its kernels are Triton without a CPU path)")
+        from fla.ops.linear_attn import chunk_linear_attn
+        from attnlab.kernels.linear_attn.reference import causal_dot_chunked, elu1
+
+        def mk(B, H, T):
+            q, k, v = _qkv(a, B, H, T, layout="bthd")
+            return [elu1(q), elu1(k), v], lambda q, k, v: chunk_linear_attn(q, k, v, scale=1.0, normalize=False)[0]
+
+        def ref(q, k, v):  # sum_{j <= t} (q_t . k_j) v_j on the mapped features
+            t = lambda x: x.transpose(1, 2)  # noqa: E731
+            return t(causal_dot_chunked(t(q), t(k), t(v)))
+        return mk, ref
     if name.startswith("memsizer_"):
         from attnlab.kernels.memsizer import memsizer, memsizer_ref
         if name == "memsizer_ref":  # the definition: a prefix sum over a (B, T, k, d) tensor
@@ -404,7 +432,9 @@ def main(argv=None):
             cleanup()
 
     last = {}  # (variant, mode) -> (work, ms) of the last successful measurement, to predict the next
-    sdpa = {}  # (T, B, H) -> row of sdpa_flash
+    sdpa = {}  # (T, B, H) -> row of the baseline
+    base_name = baseline_of(a.variants)
+    res["baseline"] = base_name
 
     def run(name, T, B, H):
         row = {"variant": name, "T": T, "B": B, "H": H}
@@ -417,7 +447,7 @@ def main(argv=None):
             if time.time() - t_start > a.budget_s:
                 row[mode + "_error"] = f"skipped: time budget --budget-s {a.budget_s:.0f} spent"
                 continue
-            if (name, mode) in last and name != "sdpa_flash":  # the baseline is never skipped
+            if (name, mode) in last and name != base_name:  # the baseline is never skipped
                 w0, ms0 = last[(name, mode)]
                 pred = ms0 * work / w0 / 1e3
                 if pred > a.max_call_s:
@@ -430,7 +460,7 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 row[mode + "_error"] = error_string(e)
             cleanup()
-        if name == "sdpa_flash":
+        if name == base_name:
             sdpa[(T, B, H)] = row
         base = sdpa.get((T, B, H), {})
         for mode in ("fwd", "fwdbwd"):
@@ -448,12 +478,12 @@ def main(argv=None):
 
     fb = (a.fallback_B, a.fallback_H)
     for T in a.T:
-        for name in variants:
+        for name in sorted(variants, key=lambda n: n != base_name):  # the baseline first: the others' ratios need it
             row = run(name, T, a.B, a.H)
             oom = any(row.get(m + "_error", "").startswith("OOM") for m in ("fwd", "fwdbwd"))
             if oom and fb != (a.B, a.H):  # did not fit: measure at the smaller shape, with SDPA there for the ratio
-                if name != "sdpa_flash" and (T, *fb) not in sdpa and "sdpa_flash" in variants:
-                    run("sdpa_flash", T, *fb)
+                if name != base_name and (T, *fb) not in sdpa and base_name in variants:
+                    run(base_name, T, *fb)
                 run(name, T, *fb)
 
     res["wall_s"] = round(time.time() - t_start, 1)

@@ -18,14 +18,14 @@ def _rows(res, key):
     return out
 
 
-def _fmt(r, key, ratio_key):
+def _fmt(r, key, ratio_key, base):
     if r.get(key) is None:
         err = r.get(key.split("_")[0] + "_error")
         if err is None:
             return "-"  # not measured (memory on CPU)
         return "OOM" if err.startswith("OOM") else ("skip" if err.startswith("skipped") else "err")
     s = f"{r[key]:.3g}" if r[key] < 100 else f"{r[key]:.0f}"
-    if r.get(ratio_key) is not None and r["variant"] != "sdpa_flash":
+    if r.get(ratio_key) is not None and r["variant"] != base:
         x = r[ratio_key]
         s += f" ({x:.0f}x)" if x >= 100 else f" ({x:.2g}x)"
     return s
@@ -43,14 +43,15 @@ def markdown(res) -> str:
              f"{res['date']} | commit {res['commit']} | {res['config']['dtype']}, D={res['config']['D']}", ""]
     if res.get("unavailable"):
         lines += ["not run: " + "; ".join(f"{k} ({v[:80]})" for k, v in res["unavailable"].items()), ""]
-    tables = [("fwd+bwd time, ms (x SDPA flash at the same shape)", "fwdbwd_ms", "fwdbwd_x_sdpa"),
-              ("forward time, ms (x SDPA flash)", "fwd_ms", "fwd_x_sdpa"),
-              ("fwd+bwd peak memory above inputs, MiB (x SDPA flash)", "fwdbwd_mem_mib", "fwdbwd_mem_x_sdpa")]
+    base = res.get("baseline", "sdpa_flash")  # results written before the default backend was the baseline
+    tables = [(f"fwd+bwd time, ms (x {base} at the same shape)", "fwdbwd_ms", "fwdbwd_x_sdpa"),
+              (f"forward time, ms (x {base})", "fwd_ms", "fwd_x_sdpa"),
+              (f"fwd+bwd peak memory above inputs, MiB (x {base})", "fwdbwd_mem_mib", "fwdbwd_mem_x_sdpa")]
     for title, key, ratio in tables:
         lines += [f"**{title}**", "", "| T | B,H | " + " | ".join(variants) + " |",
                   "|---|---|" + "---|" * len(variants)]
         for T, mB, H in keys:
-            cells = [_fmt(rows[(T, mB, H)][v], key, ratio) if v in rows[(T, mB, H)] else "" for v in variants]
+            cells = [_fmt(rows[(T, mB, H)][v], key, ratio, base) if v in rows[(T, mB, H)] else "" for v in variants]
             lines.append(f"| {T} | {-mB},{H} | " + " | ".join(cells) + " |")
         lines.append("")
     dec = res.get("decode") or []
