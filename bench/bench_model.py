@@ -152,39 +152,36 @@ def generate_point(variant, B, window):
                 method="trapezoid over contexts (prefill + timed window)")
 
 
+def table(rows, key, label, cell) -> list[str]:
+    """Markdown lines: one row per variant, one column per value of ``key`` (labelled ``label(value)``); a cell is
+    ``cell(point)``, the point's error, or empty where that point was not run."""
+    cols = sorted({r[key] for r in rows})
+    lines = ["| variant | " + " | ".join(label(c) for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        cells = []
+        for c in cols:
+            r = next((r for r in rows if r["variant"] == v and r[key] == c), None)
+            cells.append("" if r is None else r["error"][:40] if "error" in r else cell(r))
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(paths):
     runs = [json.load(open(p)) for p in paths]
     lines = []
     for run in runs:
         lines.append(f"\n### {run['label']}: {run['device']} | torch {run['torch']} | triton {run['triton']} | "
                      f"{run['date']}")
-        Ts = sorted({r["T"] for r in run["train"]})
         lines.append("\n**training tokens/s (k), peak MiB** (B*T = 16384, autocast bf16, fwd+bwd+AdamW)\n")
-        lines.append("| variant | " + " | ".join(f"T={T}" for T in Ts) + " |")
-        lines.append("|---|" + "---|" * len(Ts))
-        for v in dict.fromkeys(r["variant"] for r in run["train"]):
-            cells = []
-            for T in Ts:
-                r = next((r for r in run["train"] if r["variant"] == v and r["T"] == T), None)
-                cells.append("" if r is None else r.get("error", "")[:40] if "error" in r else
-                             f"{r['tok_s'] / 1e3:.0f}k, {r['peak_mib']:.0f}")
-            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        lines += table(run["train"], "T", lambda T: f"T={T}", lambda r: f"{r['tok_s'] / 1e3:.0f}k, {r['peak_mib']:.0f}")
         sb = {r.get("sdpa_backend") for r in run["train"] if r.get("sdpa_backend")}
         if sb:
             lines.append(f"\nsoftmax ran on SDPA's `{'/'.join(sorted(sb))}` backend (default selection).")
         if run.get("generate"):
             lines.append("\n**generation images/s** (3072 tokens, 16 layers, d=256; ms per token)\n")
-            Bs = sorted({r["B"] for r in run["generate"]})
-            lines.append("| variant | " + " | ".join(f"batch {B}" for B in Bs) + " |")
-            lines.append("|---|" + "---|" * len(Bs))
-            for v in dict.fromkeys(r["variant"] for r in run["generate"]):
-                cells = []
-                for B in Bs:
-                    r = next((r for r in run["generate"] if r["variant"] == v and r["B"] == B), None)
-                    cells.append("" if r is None else r.get("error", "")[:40] if "error" in r else
-                                 f"{r['img_s']:.2f} ({r['ms_per_token']:.2f} ms)"
-                                 + (f"; sample() {r['sample_img_s']:.2f}" if "sample_img_s" in r else ""))
-                lines.append(f"| {v} | " + " | ".join(cells) + " |")
+            lines += table(run["generate"], "B", lambda B: f"batch {B}",
+                           lambda r: f"{r['img_s']:.2f} ({r['ms_per_token']:.2f} ms)"
+                           + (f"; sample() {r['sample_img_s']:.2f}" if "sample_img_s" in r else ""))
     text = "\n".join(lines)
     print(text)
     try:

@@ -309,8 +309,9 @@ class ASRDataModule(pl.LightningDataModule):
         if cmvn not in ("utterance", "none"):
             raise ValueError(f"cmvn must be 'utterance' or 'none', got {cmvn!r}")
         self.save_hyperparameters()
-        # evaluation sets in test order: the module logs `test/...` for the first, `test_<name>/...` for the others
-        self.test_names = ["test", *[f"test_{k}" for k in (extra_test or {})]]
+        # test sets in order, name -> path: the module logs `test/...` for the first, `test_<name>/...` for the others
+        self.test_sets = {"test": test, **{f"test_{k}": v for k, v in (extra_test or {}).items()}}
+        self.test_names = list(self.test_sets)
         self.splits: dict[str, ASRDataset] | None = None
         self.units: list[str] = []
 
@@ -351,9 +352,7 @@ class ASRDataModule(pl.LightningDataModule):
                                     "preemphasis", "low_freq", "high_freq")}
         cache = FeatureCache(Path(h.cache_dir) if h.cache_dir else Path(h.data_dir) / "fbank_cache", params)
         raw, oov_words = {}, {}
-        paths = {"train": h.train, "val": h.val, "test": h.test,
-                 **{f"test_{k}": v for k, v in (h.extra_test or {}).items()}}
-        for split, name in paths.items():
+        for split, name in {"train": h.train, "val": h.val, **self.test_sets}.items():
             raw[split] = list_utterances(self._split_path(name), h.format, h.text_file, h.use_feats_scp)
             if not raw[split]:
                 raise ValueError(f"split {split} ({self._split_path(name)}) has no utterances")
@@ -417,11 +416,13 @@ class ASRDataModule(pl.LightningDataModule):
         return train_loader(ds, collate, self.trainer, self.hparams.seed, self.hparams.num_workers,
                             **self._batching(ds))
 
-    def val_dataloader(self):
-        ds = self.splits["val"]
+    def _eval_loader(self, split: str):
+        ds = self.splits[split]
         return eval_loader(ds, collate, self.trainer, self.hparams.num_workers, **self._batching(ds))
 
+    def val_dataloader(self):
+        return self._eval_loader("val")
+
     def test_dataloader(self):
-        loaders = [eval_loader(self.splits[name], collate, self.trainer, self.hparams.num_workers,
-                               **self._batching(self.splits[name])) for name in self.test_names]
+        loaders = [self._eval_loader(name) for name in self.test_names]
         return loaders if len(loaders) > 1 else loaders[0]

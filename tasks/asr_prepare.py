@@ -6,8 +6,9 @@
 speaks (IPA, stress marks dropped): a real audio -> phoneme task. Several voices, speaking rates and pitches.
 Sentences never cross splits (not even two that differ only in case or punctuation). With a ``--lexicon`` (CMUdict
 format; by default the one the ``pocketsphinx`` corpus below brings) only sentences whose every word it knows are
-kept, so that the task's targets (the words' CMUdict phonemes, ARPAbet) are exact and shared with the real-speech set. Output: Kaldi data directories ``<out>/{train,dev,test}`` with ``wav.scp``, ``text``
-(the sentence), ``phones`` (space-separated phonemes), ``utt2spk`` (the voice), and 16 kHz wavs in ``<out>/wav``.
+kept, so that the task's targets (the words' CMUdict phonemes, ARPAbet) are exact and shared with the real-speech
+set. Output: Kaldi data directories ``<out>/{train,dev,test}`` with ``wav.scp``, ``text`` (the sentence),
+``phones`` (space-separated phonemes), ``utt2spk`` (the voice), and 16 kHz wavs in ``<out>/wav``.
 
 ``pocketsphinx``: the real (LibriVox and command) utterances with transcripts from the test data of pocketsphinx's
 source distribution, plus its CMUdict lexicon: ``pip download`` fetches the sdist once (or give ``--sdist``), and

@@ -1,8 +1,9 @@
 """Decode steps replayed from a CUDA graph: one launch per token instead of hundreds.
 
 A decode step of a small model is host-bound: a 16-layer model issues a few hundred kernels per token, each costing
-more CPU time to launch than GPU time to run (bench/RESULTS.md: 9.3 ms per token eager, 1.1 ms replayed). ``CUDAGraphs(model)`` is a model for the search functions
-(``greedy(CUDAGraphs(net), prefix, n)``): ``init_state``, ``prefill`` and ``reorder_state`` are the model's own;
+more CPU time to launch than GPU time to run (bench/RESULTS.md: 9.3 ms per token eager, 1.1 ms replayed).
+``CUDAGraphs(model)`` is a model for the search functions (``greedy(CUDAGraphs(net), prefix, n)``): ``init_state``,
+``prefill`` and ``reorder_state`` are the model's own;
 ``step`` captures the model's step once into a CUDA graph over static buffers (the token, the position, every state
 tensor) and replays it afterwards. The graph computes exactly what the eager step computes, on the same kernels.
 
@@ -32,6 +33,13 @@ def _signature(state: dict, tokens: torch.Tensor) -> tuple:
     return (tuple(tokens.shape), torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev),
             tuple((tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, v)
                   for states in state["layers"] for s in states for k, v in s.items()))
+
+
+def _copy_into(dst: list, src: list) -> None:
+    """Copy each tensor of ``src`` into its counterpart in ``dst`` (skipping those that already are it)."""
+    for d, s in zip(dst, src):
+        if d is not s:
+            d.copy_(s)
 
 
 class CUDAGraphs:
@@ -70,9 +78,7 @@ class CUDAGraphs:
             self._capture(tokens, state, key)
         self.tokens.copy_(tokens)
         self.pos.fill_(state["pos"])
-        for dst, src in zip(self.leaves, _leaves(state)):
-            if dst is not src:
-                dst.copy_(src)
+        _copy_into(self.leaves, _leaves(state))
         self.graph.replay()
         self._adopt(state)
         state["pos"] += 1
@@ -88,15 +94,17 @@ class CUDAGraphs:
                     if torch.is_tensor(v):
                         s[k] = next(it)
 
+    def _state(self, leaves: list, pos) -> dict:
+        """A state of the captured structure holding ``leaves``."""
+        it = iter(leaves)
+        return {"layers": [[type(s)({k: next(it) if v is _TENSOR else v for k, v in s.items()}) for s in states]
+                           for states in self.template], "pos": pos}
+
     def _run(self) -> None:
         """The captured work: one eager step on a state made of the static buffers, its results copied back."""
-        it = iter(self.leaves)
-        state = {"layers": [[type(s)({k: next(it) if v is _TENSOR else v for k, v in s.items()})
-                             for s in states] for states in self.template], "pos": self.pos.clone()}
+        state = self._state(self.leaves, self.pos.clone())
         self.logits.copy_(self.model.step(self.tokens, state))
-        for dst, src in zip(self.leaves, _leaves(state)):
-            if dst is not src:
-                dst.copy_(src)
+        _copy_into(self.leaves, _leaves(state))
 
     def _capture(self, tokens: torch.Tensor, state: dict, key: tuple) -> None:
         self.graph = None
@@ -111,7 +119,8 @@ class CUDAGraphs:
             if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
         with torch.no_grad(), amp:
             saved = [v.clone() for v in self.leaves]
-            self.logits = self.model.step(self.tokens, _copy_state(state))  # shapes and dtypes of the output
+            # the output's shape and dtype, from a step on copies (a step may write its state in place)
+            self.logits = self.model.step(self.tokens, self._state([v.clone() for v in saved], state["pos"]))
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the graph (lazy init, autotuning), as CUDA graphs need
@@ -121,12 +130,6 @@ class CUDAGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._run()
-            for dst, src in zip(self.leaves, saved):  # capture and warm-up advanced the buffers: undo
-                dst.copy_(src)
+            _copy_into(self.leaves, saved)  # capture and warm-up advanced the buffers: undo
         self.graph, self.key = graph, key
         self.captures += 1
-
-
-def _copy_state(state: dict) -> dict:
-    return {"layers": [[type(s)({k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}) for s in states]
-                       for states in state["layers"]], "pos": state["pos"]}
