@@ -61,7 +61,8 @@ def train_point(variant, T, compile_model, steps, warm):
     torch.manual_seed(0)
     model = decoder(VARIANTS[variant], T, 512, 8, 8, 2048)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fwd = torch.compile(model) if compile_model else model
+    fwd = model if not compile_model else torch.compile(model, **({} if compile_model is True else
+                                                                    {"mode": compile_model}))
     B = TOKENS // T
     x = torch.randint(0, 256, (B, T), device="cuda")
 
@@ -217,6 +218,8 @@ def main():
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--window", type=int, default=24)
     ap.add_argument("--compile", action="store_true", help="also train each variant under torch.compile")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode for --compile (e.g. reduce-overhead: the steps replayed from CUDA graphs)")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--report", nargs="+", help="print tables / draw plots from these JSON files and exit")
     args = ap.parse_args()
@@ -232,9 +235,9 @@ def main():
     t0 = time.time()
     plan = [(v, T, False) for v in args.variants for T in args.T]
     if args.compile:
-        plan += [(v, T, True) for v in args.variants for T in args.T]
+        plan += [(v, T, args.compile_mode or True) for v in args.variants for T in args.T]
     for v, T, comp in plan:
-        name = v + ("+compile" if comp else "")
+        name = v + ("" if not comp else "+compile" if comp is True else f"+{comp}")
         if time.time() - t0 > args.budget_s:
             run["train"].append(dict(variant=name, T=T, error="skipped: budget"))
             continue

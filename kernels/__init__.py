@@ -22,8 +22,11 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # once: find_spec costs ~0.1 ms, ops ask at every call
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def use_triton(backend: str, *tensors) -> bool:
@@ -67,3 +70,27 @@ def torch_math():
 def upcast(*tensors):
     """float16 / bf16 tensors as float32 (None and other dtypes unchanged): the PyTorch paths' working precision."""
     return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
+
+
+def eager_or_compiled(op, impl, setup_context, backward):
+    """How a kernel with autograd is called: the torch.library custom ``op`` while torch.compile traces (it sees
+    one opaque op with a fake implementation, so no graph break, and CUDA graphs capture it), else a plain
+    ``autograd.Function`` over the same ``impl`` (the op's body), ``setup_context`` and ``backward``.
+
+    Why both: a custom op's dispatch (schema checks, the generated autograd wrapper, a second custom op for the
+    backward) cost ~0.7 ms of host time per forward + backward on the H200 machine (bench/host_overhead.py), three
+    times the kernels' own launches, and the small models of the benchmarks are host-bound. Outputs after the first
+    are saved-for-backward tensors without gradients."""
+    def forward(ctx, *inputs):
+        out = impl(*inputs)
+        setup_context(ctx, inputs, out)
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    # named after the op (grad_fn: e.g. linear_attn_fwd_eagerBackward)
+    Eager = type(impl.__name__.strip("_") + "_eager", (torch.autograd.Function,),
+                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def call(*inputs):
+        return op(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
+    return call

@@ -2,11 +2,13 @@
 
 ``attnlab::linear_attn_fwd`` / ``attnlab::linear_attn_bwd`` are ``torch.library`` custom ops with fake (meta)
 implementations and a registered autograd formula, so ``torch.compile`` traces through the model without a graph
-break and CUDA graphs can capture them (the launchers allocate only through torch and never sync)."""
+break and CUDA graphs can capture them (the launchers allocate only through torch and never sync). Eager calls take
+the same functions through a plain autograd.Function, which costs less host time (``kernels.eager_or_compiled``)."""
 from __future__ import annotations
 
 import torch
 
+from .. import eager_or_compiled
 from .chunk import chunk_bwd, chunk_fwd, fwd_runs
 from .reference import linear_attention_chunked_torch
 
@@ -17,14 +19,16 @@ def _none(t):
     return None if t.numel() == 0 else t
 
 
-@torch.library.custom_op("attnlab::linear_attn_fwd", mutates_args=())
-def linear_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+def _linear_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                     eps: float, elu1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, r, S0, z0): see chunk_fwd; a missing S0 / z0 is an empty tensor (custom ops return tensors only)."""
     o, r, S0, z0 = chunk_fwd(q, k, v, causal=causal, elu1=elu1, norm=True, eps=eps, mask=mask)
     if S0 is None:
         S0, z0 = r.new_empty(0), r.new_empty(0)
     return o, r, S0, z0
+
+
+linear_attn_fwd = torch.library.custom_op("attnlab::linear_attn_fwd", _linear_attn_fwd, mutates_args=())
 
 
 @linear_attn_fwd.register_fake
@@ -39,13 +43,15 @@ def _(q, k, v, mask, causal, eps, elu1):
     return o, r, r.new_empty(n, B * H, DK, DV), r.new_empty(n, B * H, DK)
 
 
-@torch.library.custom_op("attnlab::linear_attn_bwd", mutates_args=())
-def linear_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
+def _linear_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
                     r: torch.Tensor, S0: torch.Tensor, z0: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                     elu1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = chunk_bwd(q, k, v, o, do, r, _none(S0), _none(z0), causal=causal, elu1=elu1, norm=True, mask=mask)
     # one layout whatever the dv-tiling chose, so the fake implementation can promise it
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+linear_attn_bwd = torch.library.custom_op("attnlab::linear_attn_bwd", _linear_attn_bwd, mutates_args=())
 
 
 @linear_attn_bwd.register_fake
@@ -63,13 +69,17 @@ def _setup(ctx, inputs, output):
     ctx.causal, ctx.elu1 = causal, elu1
 
 
-def _backward(ctx, do, dr, dS0, dz0):
-    q, k, v, o, r, S0, z0, mask = ctx.saved_tensors
-    dq, dk, dv = linear_attn_bwd(q, k, v, o, do, r, S0, z0, mask, ctx.causal, ctx.elu1)
-    return dq, dk, dv, None, None, None, None
+def _backward(bwd):
+    """The backward formula, through ``bwd``: the custom op in compiled graphs, its body in eager mode."""
+    def backward(ctx, do, dr, dS0, dz0):
+        q, k, v, o, r, S0, z0, mask = ctx.saved_tensors
+        dq, dk, dv = bwd(q, k, v, o, do, r, S0, z0, mask, ctx.causal, ctx.elu1)
+        return dq, dk, dv, None, None, None, None
+    return backward
 
 
-linear_attn_fwd.register_autograd(_backward, setup_context=_setup)
+linear_attn_fwd.register_autograd(_backward(linear_attn_bwd), setup_context=_setup)
+_linear_attn = eager_or_compiled(linear_attn_fwd, _linear_attn_fwd, _setup, _backward(_linear_attn_bwd))
 
 
 def check_qkv(q, k, v, causal, key_padding_mask, name="linear_attention_triton"):
@@ -104,4 +114,4 @@ def linear_attention_triton(q, k, v, causal: bool = True, eps: float = 1e-6, fea
         return linear_attention_chunked_torch(q, k, v, causal, eps, feature_map, key_padding_mask)
     if q.dtype not in DTYPES:
         raise TypeError(f"linear_attention_triton: dtype {q.dtype} is not supported; use float32, bfloat16 or float16")
-    return linear_attn_fwd(q, k, v, key_padding_mask, bool(causal), float(eps), feature_map == "elu1")[0]
+    return _linear_attn(q, k, v, key_padding_mask, bool(causal), float(eps), feature_map == "elu1")[0]

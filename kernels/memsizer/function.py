@@ -1,5 +1,6 @@
 """MemSizer read-out through the linear-attention chunk kernels (kernels/linear_attn/chunk.py), as custom ops
-(``attnlab::memsizer_fwd`` / ``_bwd``, with fake implementations and autograd: see linear_attn/function.py).
+(``attnlab::memsizer_fwd`` / ``_bwd``, with fake implementations and autograd, called as linear_attn/function.py
+calls its own).
 
 memsizer_ref is linear attention with one head, no feature map and no z-normalizer: y_t = r_t sum_j (p_t . a_j) v_j
 with the row scale r_t = c_t^{-1/2} (c_t the non-pad keys seen, clamped to >= 1). The scale depends only on the
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import eager_or_compiled
 from ..linear_attn.chunk import chunk_bwd, chunk_fwd, fwd_runs
 from .reference import _check, memsizer_ref
 
@@ -25,8 +27,7 @@ def row_scale(B, T, S, causal, key_padding_mask, device):
     return c.clamp_min(1.0).rsqrt().contiguous()
 
 
-@torch.library.custom_op("attnlab::memsizer_fwd", mutates_args=())
-def memsizer_fwd(p: torch.Tensor, a: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+def _memsizer_fwd(p: torch.Tensor, a: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                  causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o (B, T, d), the row scale r (B, T) float32, S0, z0 (empty when the forward kept no start states))."""
     B, T, _ = p.shape
@@ -36,6 +37,9 @@ def memsizer_fwd(p: torch.Tensor, a: torch.Tensor, v: torch.Tensor, mask: torch.
     if S0 is None:
         S0, z0 = r.new_empty(0), r.new_empty(0)
     return o.squeeze(1), r, S0, z0
+
+
+memsizer_fwd = torch.library.custom_op("attnlab::memsizer_fwd", _memsizer_fwd, mutates_args=())
 
 
 @memsizer_fwd.register_fake
@@ -50,8 +54,7 @@ def _(p, a, v, mask, causal):
     return o, r, r.new_empty(n, B, k, d), r.new_empty(n, B, k)
 
 
-@torch.library.custom_op("attnlab::memsizer_bwd", mutates_args=())
-def memsizer_bwd(p: torch.Tensor, a: torch.Tensor, v: torch.Tensor, do: torch.Tensor, r: torch.Tensor,
+def _memsizer_bwd(p: torch.Tensor, a: torch.Tensor, v: torch.Tensor, do: torch.Tensor, r: torch.Tensor,
                  S0: torch.Tensor, z0: torch.Tensor, mask: torch.Tensor | None,
                  causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     none = S0.numel() == 0
@@ -59,6 +62,9 @@ def memsizer_bwd(p: torch.Tensor, a: torch.Tensor, v: torch.Tensor, do: torch.Te
                            None if none else S0, None if none else z0, causal=causal, elu1=False, norm=False,
                            scale=True, mask=mask)
     return dq.squeeze(1).contiguous(), dk.squeeze(1).contiguous(), dv.squeeze(1).contiguous()
+
+
+memsizer_bwd = torch.library.custom_op("attnlab::memsizer_bwd", _memsizer_bwd, mutates_args=())
 
 
 @memsizer_bwd.register_fake
@@ -74,13 +80,16 @@ def _setup(ctx, inputs, output):
     ctx.causal = causal
 
 
-def _backward(ctx, do, dr, dS0, dz0):
-    p, a, v, r, S0, z0, mask = ctx.saved_tensors
-    dp, da, dv = memsizer_bwd(p, a, v, do, r, S0, z0, mask, ctx.causal)
-    return dp, da, dv, None, None
+def _backward(bwd):
+    def backward(ctx, do, dr, dS0, dz0):
+        p, a, v, r, S0, z0, mask = ctx.saved_tensors
+        dp, da, dv = bwd(p, a, v, do, r, S0, z0, mask, ctx.causal)
+        return dp, da, dv, None, None
+    return backward
 
 
-memsizer_fwd.register_autograd(_backward, setup_context=_setup)
+memsizer_fwd.register_autograd(_backward(memsizer_bwd), setup_context=_setup)
+_memsizer = eager_or_compiled(memsizer_fwd, _memsizer_fwd, _setup, _backward(_memsizer_bwd))
 
 
 def memsizer_triton(p, a, v, causal: bool, key_padding_mask=None):
@@ -95,4 +104,4 @@ def memsizer_triton(p, a, v, causal: bool, key_padding_mask=None):
         return memsizer_ref(p, a, v, causal, key_padding_mask=key_padding_mask)
     if p.dtype not in DTYPES:
         raise TypeError(f"memsizer_triton: dtype {p.dtype} is not supported; use float32, bfloat16 or float16")
-    return memsizer_fwd(p, a, v, key_padding_mask, bool(causal))[0]
+    return _memsizer(p, a, v, key_padding_mask, bool(causal))[0]

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import torch
 
+from .. import eager_or_compiled
 from .chunk import MAX_TOPK, topk_bwd, topk_fwd
 from .reference import check_args
 
 
-@torch.library.custom_op("attnlab::topk_attn_fwd", mutates_args=())
-def topk_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+def _topk_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
                   topk: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, P, I): see topk_fwd. A torch.library custom op with a fake implementation and autograd, so
     torch.compile traces through it and CUDA graphs capture it (as the linear-attention ops)."""
     return topk_fwd(q, k, v, topk, causal, key_padding_mask, scale)
+
+
+topk_attn_fwd = torch.library.custom_op("attnlab::topk_attn_fwd", _topk_attn_fwd, mutates_args=())
 
 
 @topk_attn_fwd.register_fake
@@ -26,11 +29,13 @@ def _(q, k, v, key_padding_mask, topk, causal, scale):
             q.new_empty(B, H, T, topk, dtype=torch.int32))
 
 
-@torch.library.custom_op("attnlab::topk_attn_bwd", mutates_args=())
-def topk_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+def _topk_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
                   P: torch.Tensor, I: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = topk_bwd(q, k, v, out, dout, P, I, scale)
     return dq.contiguous(), dk, dv
+
+
+topk_attn_bwd = torch.library.custom_op("attnlab::topk_attn_bwd", _topk_attn_bwd, mutates_args=())
 
 
 @topk_attn_bwd.register_fake
@@ -45,13 +50,16 @@ def _setup(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _backward(ctx, dout, dP, dI):
-    q, k, v, out, P, I = ctx.saved_tensors
-    dq, dk, dv = topk_attn_bwd(q, k, v, out, dout, P, I, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+def _backward(bwd):
+    def backward(ctx, dout, dP, dI):
+        q, k, v, out, P, I = ctx.saved_tensors
+        dq, dk, dv = bwd(q, k, v, out, dout, P, I, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+    return backward
 
 
-topk_attn_fwd.register_autograd(_backward, setup_context=_setup)
+topk_attn_fwd.register_autograd(_backward(topk_attn_bwd), setup_context=_setup)
+_topk_attn = eager_or_compiled(topk_attn_fwd, _topk_attn_fwd, _setup, _backward(_topk_attn_bwd))
 
 
 def topk_attention_triton(q, k, v, topk: int, causal: bool, key_padding_mask=None, chunk_size: int = 1024,
@@ -78,4 +86,4 @@ def topk_attention_triton(q, k, v, topk: int, causal: bool, key_padding_mask=Non
     if q.shape[2] == 0 or S == 0:  # nothing to attend: zeros, still connected to the graph
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return topk_attn_fwd(q, k, v, key_padding_mask, kk, causal, scale)[0]
+    return _topk_attn(q, k, v, key_padding_mask, kk, causal, scale)[0]

@@ -34,12 +34,14 @@ class BaseModule(pl.LightningModule):
     batch_kind = ""
 
     def __init__(self, net: nn.Module, optimizer: dict, scheduler: dict | None = None,
-                 scheduler_interval: str = "step", seed: int = 0, compile: bool = False):
+                 scheduler_interval: str = "step", seed: int = 0, compile: bool | str = False):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net"])
         self.net = net
         if compile:  # in place: the checkpoint keeps the network's own parameter names (no `_orig_mod.`)
-            self.net.compile()
+            # a string is torch.compile's mode: "reduce-overhead" replays the steps from CUDA graphs (small models
+            # are host-bound: bench/RESULTS.md), "max-autotune" also tunes the matmuls
+            self.net.compile(**({} if compile is True else {"mode": compile}))
         self.metrics = nn.ModuleDict({split: self.make_metrics() for split in SPLITS})
 
     # -- what a subclass provides ---------------------------------------------------------------------------

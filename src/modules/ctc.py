@@ -28,7 +28,7 @@ class CTCModule(BaseModule):
     batch_kind = "ctc"
 
     def __init__(self, net: nn.Module, optimizer: dict, scheduler: dict | None = None,
-                 scheduler_interval: str = "step", seed: int = 0, compile: bool = False,
+                 scheduler_interval: str = "step", seed: int = 0, compile: bool | str = False,
                  metrics: tuple[str, ...] = ("per",), decoder: str = "greedy", beam_size: int = 8,
                  beam_prune: float | None = -10.0):
         unknown = [m for m in metrics if m not in METRICS]

@@ -55,7 +55,7 @@ class Seq2SeqModule(BaseModule):
     batch_kind = "seq2seq"
 
     def __init__(self, net: nn.Module, optimizer: dict, scheduler: dict | None = None,
-                 scheduler_interval: str = "step", seed: int = 0, compile: bool = False,
+                 scheduler_interval: str = "step", seed: int = 0, compile: bool | str = False,
                  label_smoothing: float = 0.1, metric: str = "bleu", generation: dict | None = None,
                  val_generation: dict | None = None, sacrebleu_tokenize: str = "13a"):
         if metric not in ("bleu", "rouge", "none"):
