@@ -6,8 +6,10 @@
    B*T = 16384 tokens per step, forward + backward + AdamW under torch.autocast(bfloat16) (what `trainer=gpu`
    runs), at T = 1024, 4096, 8192, 16384, for softmax (SDPA, default backend selection: the backend it picked is
    read off the profiler and reported), linear, memsizer (k=32) and topk (k=64). Tokens/s: median of timed steps
-   after warm-up (Triton compilation, autotuning and the allocator's growth stay out); peak memory:
-   max_memory_allocated over the timed steps (weights, optimizer state and activations).
+   after warm-up (Triton compilation, autotuning and the allocator's growth stay out); host_ms: the time until
+   step() returns (host-bound when close to step_ms); peak memory: max_memory_allocated over warm-up and timed steps
+   (weights, optimizer state and activations). ``--compile [--compile-mode reduce-overhead]``: the same under
+   torch.compile (reduce-overhead: forward and backward replayed from CUDA graphs).
 2. Generation images/s, CIFAR-10 shape: 3072 tokens per image, 16 layers, d=256, 8 heads, FFN 1024, at batch 1,
    16, 256, eval mode under autocast(bf16), through the model's own step(). Recurrent variants (linear, memsizer)
    cost the same at every position (fixed-size state), so a window of steps is timed and images/s = batch /
@@ -15,7 +17,8 @@
    context grows: the cache is brought to contexts 0, 1024, 2048, 3056 with the model's prefill() (when it has
    one) and a window timed at each; the time for a whole image is the trapezoid over those points. ``+graph``:
    the same model through ``attnlab.decoding.CUDAGraphs`` (the step replayed from a CUDA graph), and whole images
-   drawn with ``sample()`` timed end to end (``sample_img_s``).
+   drawn with ``sample()`` timed end to end (``sample_img_s``). Time to first token (batch <= 16): a 3000-token
+   prompt through prefill() plus one step.
 Writes model_<label>.json and prints tables; `python3 bench/bench_model.py --report a.json b.json` prints the
 tables and draws model_train.png / model_generate.png beside the first file."""
 from __future__ import annotations
@@ -74,24 +77,29 @@ def train_point(variant, T, compile_model, steps, warm):
         opt.zero_grad(set_to_none=True)
         return loss
 
+    # the peak is taken over the warm-up too: a CUDA-graph mode (reduce-overhead) allocates its memory pool there
+    torch.cuda.reset_peak_memory_stats()
     for _ in range(warm):
         loss = step()
     torch.cuda.synchronize()
     if not torch.isfinite(loss):
         raise RuntimeError(f"loss {loss.item()}")
-    torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, host = [], []
     for _ in range(steps):
         t = time.perf_counter()
         step()
+        host.append(time.perf_counter() - t)  # until step() returns: a step is host-bound when this ~ its time
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     out = dict(tok_s=TOKENS / statistics.median(times), step_ms=1e3 * statistics.median(times),
-               peak_mib=torch.cuda.max_memory_allocated() / 2 ** 20)
+               host_ms=1e3 * statistics.median(host), peak_mib=torch.cuda.max_memory_allocated() / 2 ** 20)
     if variant == "softmax":
         out["sdpa_backend"], out["sdpa_kernels"] = sdpa_backend(model, x[:1])
     del model, opt, fwd
     torch.cuda.empty_cache()
+    # each point compiles its own model: without a reset the shared forward code hits dynamo's recompile limit
+    # after 8 points and the rest silently run eager
+    torch._dynamo.reset()
     return out
 
 
@@ -110,20 +118,40 @@ def time_steps(model, state, B, n, warm=3):
 
 
 @torch.no_grad()
-def generate_point(variant, B, window):
+def first_token_ms(model, B, prompt_len, reps=2):
+    """Time to first token: a prompt of ``prompt_len`` tokens through prefill() (the parallel kernels), then one
+    step; the best of ``reps`` after one untimed run."""
+    prompt = torch.randint(0, 256, (B, prompt_len), device="cuda")
+    tok = prompt[:, -1]
+    best = float("inf")
+    with torch.autocast("cuda", torch.bfloat16):
+        for i in range(reps + 1):
+            state = model.init_state(B)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.prefill(prompt, state)
+            model.step(tok, state)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t) if i else best
+    return 1e3 * best
+
+
+@torch.no_grad()
+def generate_point(variant, B, window, prompt_len=3000):
     from attnlab.decoding import CUDAGraphs, sample
     torch.manual_seed(0)
     base, graphed = variant.removesuffix("+graph"), variant.endswith("+graph")
     net = decoder(VARIANTS[base], 3072 + 64, 256, 16, 8, 1024).eval()
     model = CUDAGraphs(net) if graphed else net
     L = 3072
+    ttft = dict(ttft_ms=first_token_ms(model, B, prompt_len), prompt=prompt_len) if B <= 16 else {}
     if base in ("linear", "memsizer"):
         state = model.init_state(B)
         t1 = time_steps(model, state, B, window)
         t2 = time_steps(model, state, B, window, warm=0)
         per_tok = min(t1, t2)
         out = dict(img_s=B / (L * per_tok), ms_per_token=1e3 * per_tok, windows_ms=[1e3 * t1, 1e3 * t2],
-                   method="timed window, flat state")
+                   method="timed window, flat state", **ttft)
         if graphed:  # and whole images through sample(): the search's own per-token work (softmax, multinomial)
             bos = torch.zeros(B, 1, dtype=torch.long, device="cuda")
             gen = torch.Generator(device="cuda").manual_seed(0)
@@ -139,7 +167,8 @@ def generate_point(variant, B, window):
     if not hasattr(model, "prefill"):
         state = model.init_state(B)
         per = time_steps(model, state, B, window)
-        return dict(img_s=B / (L * per), ms_per_token=1e3 * per, method="context 0 only (no prefill): upper bound")
+        return dict(img_s=B / (L * per), ms_per_token=1e3 * per, method="context 0 only (no prefill): upper bound",
+                    **ttft)
     for c in (0, 1024, 2048, L - 16):
         state = model.init_state(B)
         if c:
@@ -150,7 +179,7 @@ def generate_point(variant, B, window):
     total = sum((points[i + 1][0] - points[i][0]) * (points[i][1] + points[i + 1][1]) / 2
                 for i in range(len(points) - 1)) + (L - points[-1][0]) * points[-1][1]
     return dict(img_s=B / total, ms_per_token=1e3 * total / L, ms_at_context={c: 1e3 * t for c, t in points},
-                method="trapezoid over contexts (prefill + timed window)")
+                method="trapezoid over contexts (prefill + timed window)", **ttft)
 
 
 def table(rows, key, label, cell) -> list[str]:
@@ -182,7 +211,8 @@ def report(paths):
             lines.append("\n**generation images/s** (3072 tokens, 16 layers, d=256; ms per token)\n")
             lines += table(run["generate"], "B", lambda B: f"batch {B}",
                            lambda r: f"{r['img_s']:.2f} ({r['ms_per_token']:.2f} ms)"
-                           + (f"; sample() {r['sample_img_s']:.2f}" if "sample_img_s" in r else ""))
+                           + (f"; sample() {r['sample_img_s']:.2f}" if "sample_img_s" in r else "")
+                           + (f"; first token {r['ttft_ms']:.0f} ms" if "ttft_ms" in r else ""))
     text = "\n".join(lines)
     print(text)
     try:

@@ -85,11 +85,16 @@ def eager_or_compiled(op, impl, setup_context, backward):
         out = impl(*inputs)
         setup_context(ctx, inputs, out)
         ctx.mark_non_differentiable(*out[1:])
+        ctx.set_materialize_grads(False)  # no zero tensors made for the outputs without gradients
+        ctx.n_inputs = len(inputs)
         return out
+
+    def backward_(ctx, *grads):
+        return (None,) * ctx.n_inputs if grads[0] is None else backward(ctx, *grads)
 
     # named after the op (grad_fn: e.g. linear_attn_fwd_eagerBackward)
     Eager = type(impl.__name__.strip("_") + "_eager", (torch.autograd.Function,),
-                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                 {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
 
     def call(*inputs):
         return op(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)

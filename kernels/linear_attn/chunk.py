@@ -38,8 +38,11 @@ from ..fit import NoFit, fit_chunk, is_oor, smem_limit
 # a sequence of at least "run_min_chunks" chunks is split into runs until about "programs" programs are in flight
 # (10% faster for linear attention and 35% for MemSizer at T=16384; at T=1024 the extra launch and state pass cost
 # more than they save), with "run_bwd_warps" warps in the backward. stages=1 crashed (illegal address) on Triton 3.6.
+# "fill": a shorter causal sequence is split too when fewer (batch, head, dv-tile) programs than this would run, about
+# one per SM: the model benchmark's T=4096 (32 heads in all, 64 chunks each) ran at 0.77x softmax under CUDA graphs
+# with one serial program per head, where T=8192 (split) ran at 1.29x (bench/RESULTS.md, session 4).
 CONFIG = {"BT": 64, "BV": 64, "state": 4096, "fwd_warps": 4, "bwd_warps": 8, "stages": 2,
-          "programs": 2112, "run_min_chunks": 128, "run_bwd_warps": 4}
+          "programs": 2112, "run_min_chunks": 128, "run_bwd_warps": 4, "fill": 128}
 GROUPS = {"fwd": ("state", "fwd"), "bwd": ("bwd_q", "bwd_kv")}  # kernels launched together share one dv-tile
 
 
@@ -445,9 +448,10 @@ def _tag(err, key, BV):
 
 def _splits(B, H, NV, n_rows, causal, BT):
     """Runs per (b, h, dv-tile): enough programs to fill the GPU. Bidirectional runs cost nothing extra (partial
-    sums); causal ones need a pass over k, v for the run states, so only long sequences are split."""
+    sums); causal ones need a pass over k, v for the run states, so only long sequences, or too few programs, are
+    split."""
     chunks = triton.cdiv(n_rows, BT)
-    if causal and chunks < CONFIG["run_min_chunks"]:
+    if causal and chunks < CONFIG["run_min_chunks"] and B * H * NV >= CONFIG["fill"]:
         return 1
     target = CONFIG["programs"] if causal else 4 * 132
     return max(1, min(chunks, triton.cdiv(target, B * H * NV)))
