@@ -219,15 +219,22 @@ def report(paths):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
+        # one line per variant over all the runs given (a later run's point replaces an earlier one at the same
+        # T); colour per attention, solid when compiled (CUDA graphs), dashed eager
+        points = {}
         for run in runs:
-            for v in dict.fromkeys(r["variant"] for r in run["train"]):
-                pts = [(r["T"], r["tok_s"]) for r in run["train"] if r["variant"] == v and "tok_s" in r]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", ls="-" if run["label"] != "before" else "--",
-                            label=f"{v} ({run['label']})")
-        ax.set(xscale="log", xlabel="T", ylabel="training tokens/s", title="TransformerDecoder 8x512, bf16")
-        ax.legend(fontsize=7)
+            for r in run["train"]:
+                if "tok_s" in r:
+                    points.setdefault(r["variant"], {})[r["T"]] = r["tok_s"]
+        colours = {v: f"C{i}" for i, v in enumerate(VARIANTS)}
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for v, pts in points.items():
+            base = v.split("+")[0]
+            ax.plot(*zip(*sorted(pts.items())), marker="o", color=colours.get(base, "k"),
+                    ls="-" if "+" in v else "--", label=v)
+        ax.set(xscale="log", xlabel="T (B*T = 16384)", ylabel="training tokens/s",
+               title="TransformerDecoder 8x512, bf16 autocast")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         fig.tight_layout()
         fig.savefig(os.path.join(os.path.dirname(paths[0]) or ".", "model_train.png"), dpi=120)
     except Exception as e:  # noqa: BLE001 - the tables are the result; a plot is a convenience

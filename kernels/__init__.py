@@ -77,10 +77,10 @@ def eager_or_compiled(op, impl, setup_context, backward):
     one opaque op with a fake implementation, so no graph break, and CUDA graphs capture it), else a plain
     ``autograd.Function`` over the same ``impl`` (the op's body), ``setup_context`` and ``backward``.
 
-    Why both: a custom op's dispatch (schema checks, the generated autograd wrapper, a second custom op for the
-    backward) cost ~0.7 ms of host time per forward + backward on the H200 machine (bench/host_overhead.py), three
-    times the kernels' own launches, and the small models of the benchmarks are host-bound. Outputs after the first
-    are saved-for-backward tensors without gradients."""
+    Why both: eager models of this size are host-bound (bench/RESULTS.md), and a custom op's dispatch (schema
+    handling, the generated autograd wrapper, a second custom op for the backward) cost ~150 us more host time per
+    forward + backward than an autograd.Function with the same body (measured in one process on the CPU machine).
+    Outputs after the first are saved-for-backward tensors without gradients."""
     def forward(ctx, *inputs):
         out = impl(*inputs)
         setup_context(ctx, inputs, out)
