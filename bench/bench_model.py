@@ -60,14 +60,15 @@ def sdpa_backend(model, x):
     return kind, hits[:4]
 
 
-def train_point(variant, T, compile_model, steps, warm):
+def training_step(variant, T, compile_model=False):
+    """(model, step): the benchmark's model and one training step on a fixed batch of B*T = TOKENS tokens, as
+    `trainer=gpu` runs it (autocast bf16, fwd + bwd + AdamW). ``compile_model``: True or a torch.compile mode."""
     torch.manual_seed(0)
     model = decoder(VARIANTS[variant], T, 512, 8, 8, 2048)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = model if not compile_model else torch.compile(model, **({} if compile_model is True else
                                                                     {"mode": compile_model}))
-    B = TOKENS // T
-    x = torch.randint(0, 256, (B, T), device="cuda")
+    x = torch.randint(0, 256, (TOKENS // T, T), device="cuda")
 
     def step():
         with torch.autocast("cuda", torch.bfloat16):
@@ -76,7 +77,11 @@ def train_point(variant, T, compile_model, steps, warm):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+    return model, step
 
+
+def train_point(variant, T, compile_model, steps, warm):
+    model, step = training_step(variant, T, compile_model)
     # the peak is taken over the warm-up too: a CUDA-graph mode (reduce-overhead) allocates its memory pool there
     torch.cuda.reset_peak_memory_stats()
     for _ in range(warm):
@@ -94,8 +99,8 @@ def train_point(variant, T, compile_model, steps, warm):
     out = dict(tok_s=TOKENS / statistics.median(times), step_ms=1e3 * statistics.median(times),
                host_ms=1e3 * statistics.median(host), peak_mib=torch.cuda.max_memory_allocated() / 2 ** 20)
     if variant == "softmax":
-        out["sdpa_backend"], out["sdpa_kernels"] = sdpa_backend(model, x[:1])
-    del model, opt, fwd
+        out["sdpa_backend"], out["sdpa_kernels"] = sdpa_backend(model, torch.randint(0, 256, (1, T), device="cuda"))
+    del model, step
     torch.cuda.empty_cache()
     # each point compiles its own model: without a reset the shared forward code hits dynamo's recompile limit
     # after 8 points and the rest silently run eager

@@ -85,36 +85,13 @@ def layer_table():
 
 
 def step_table():
-    from bench_model import TOKENS, VARIANTS, decoder
+    """The whole training step of bench_model.py at T=1024: host time (until step() returns) against wall time."""
+    from bench_model import train_point
     out = {}
     for variant in ("softmax", "linear", "memsizer"):
-        T = 1024
-        torch.manual_seed(0)
-        model = decoder(VARIANTS[variant], T, 512, 8, 8, 2048)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randint(0, 256, (TOKENS // T, T), device="cuda")
-
-        def step():
-            with torch.autocast("cuda", torch.bfloat16):
-                loss = F.cross_entropy(model(x).flatten(0, 1).float(), x.flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        hs, ws = [], []
-        for _ in range(5):
-            t = time.perf_counter()
-            step()
-            hs.append(time.perf_counter() - t)
-            torch.cuda.synchronize()
-            ws.append(time.perf_counter() - t)
-        out[variant] = dict(host_ms=1e3 * sorted(hs)[2], wall_ms=1e3 * sorted(ws)[2])
-        print(f"step {variant:10s} T={T} host {out[variant]['host_ms']:.1f} ms, wall {out[variant]['wall_ms']:.1f} ms",
-              flush=True)
-        del model, opt
+        r = train_point(variant, 1024, False, steps=5, warm=3)
+        out[variant] = dict(host_ms=r["host_ms"], wall_ms=r["step_ms"])
+        print(f"step {variant:10s} T=1024 host {r['host_ms']:.1f} ms, wall {r['step_ms']:.1f} ms", flush=True)
     return out
 
 

@@ -16,27 +16,14 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import TOKENS, VARIANTS, decoder  # noqa: E402  the same model and step as the benchmark
+from bench_model import TOKENS, VARIANTS, training_step  # noqa: E402  the same model and step as the benchmark
 
 
 def profile_point(variant, T, compile_model, steps, warm):
     from torch.profiler import ProfilerActivity, profile
-    torch.manual_seed(0)
-    model = decoder(VARIANTS[variant], T, 512, 8, 8, 2048)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fwd = torch.compile(model) if compile_model else model
-    x = torch.randint(0, 256, (TOKENS // T, T), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = F.cross_entropy(fwd(x).flatten(0, 1).float(), x.flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    model, step = training_step(variant, T, compile_model)
     for _ in range(warm):
         step()
     torch.cuda.synchronize()
@@ -57,8 +44,9 @@ def profile_point(variant, T, compile_model, steps, warm):
     host_us = sum(e.self_cpu_time_total for e in events) / steps
     table_gpu = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
     table_cpu = events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)
-    del model, opt, fwd
+    del model, step
     torch.cuda.empty_cache()
+    torch._dynamo.reset()
     return dict(step_ms=1e3 * statistics.median(wall), gpu_ms=gpu_us / 1e3, host_ms=host_us / 1e3,
                 kernels=kernels, casts=casts, tok_s=TOKENS / statistics.median(wall)), table_gpu + "\n" + table_cpu
 
