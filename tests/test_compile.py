@@ -75,3 +75,15 @@ def test_kernels_are_custom_ops_when_compiled_and_functions_in_eager(op):
     assert ref.grad_fn.name().endswith("_eagerBackward")  # eager: the autograd.Function, not the custom op
     assert torch.allclose(out, ref, atol=1e-6)
     assert all(torch.allclose(t.grad, gr, atol=1e-5) for t, gr in zip(inputs, grads))
+
+
+def test_model_compile_takes_a_mode_and_names_the_valid_ones(compose_cfg):
+    """`model.compile=reduce-overhead` reaches torch.compile as its mode (compiled lazily, at the first step); a
+    mode torch does not know fails while the run is built, with torch's list of modes."""
+    from attnlab.train import build
+    _, model, _ = build(compose_cfg(["logger=none", "model.compile=reduce-overhead"]))
+    assert model.net._compiled_call_impl is not None
+    _, model, _ = build(compose_cfg(["logger=none"]))
+    assert model.net._compiled_call_impl is None
+    with pytest.raises(ValueError, match="'reduce_overhead' is not a torch.compile mode.*'reduce-overhead'"):
+        build(compose_cfg(["logger=none", "model.compile=reduce_overhead"]))

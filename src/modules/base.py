@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..attention.base import ConfigError
+
 SPLITS = ("val", "test")
 # Epoch metrics are torchmetrics objects, reduced across processes in compute(): every rank logs the same value, so
 # Lightning's advice to add sync_dist=True (another all-reduce) does not apply.
@@ -41,6 +43,10 @@ class BaseModule(pl.LightningModule):
         if compile:  # in place: the checkpoint keeps the network's own parameter names (no `_orig_mod.`)
             # a string is torch.compile's mode: "reduce-overhead" replays the steps from CUDA graphs (small models
             # are host-bound: bench/RESULTS.md), "max-autotune" also tunes the matmuls
+            modes = list(torch._inductor.list_mode_options())
+            if compile is not True and compile not in modes:
+                raise ConfigError(f"model.compile={compile!r} is not a torch.compile mode. Fix: true, false or one "
+                                  f"of {modes}")
             self.net.compile(**({} if compile is True else {"mode": compile}))
         self.metrics = nn.ModuleDict({split: self.make_metrics() for split in SPLITS})
 
