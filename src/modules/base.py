@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..attention.base import ConfigError
+from ..attention import ConfigError
 
 SPLITS = ("val", "test")
 # Epoch metrics are torchmetrics objects, reduced across processes in compute(): every rank logs the same value, so
