@@ -1,0 +1,186 @@
+"""One command for the generated part of bench/RESULTS.md (issue #11): run the op-level and whole-model benchmarks,
+then write their tables and the issue's targets, each met or missed with its numbers, between the markers
+``<!-- refresh:begin -->`` / ``<!-- refresh:end -->`` of RESULTS.md (the hand-written analysis around them stays).
+
+    python3 bench/refresh.py --out DIR              # run both on this GPU (~15 min on an H200), then write
+    python3 bench/refresh.py --from DIR [DIR ...]   # only write, from DIR/op/results.json and DIR/model_*.json
+
+Training targets are read in the fastest mode measured for both variants (CUDA graphs, ``+reduce-overhead``, when
+that run exists; eager otherwise) and say which. Where several model JSONs hold the same point, the later run wins.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+BEGIN, END = "<!-- refresh:begin -->", "<!-- refresh:end -->"
+OP_VARIANTS = ["sdpa", "sdpa_flash", "linear_triton", "fla_chunk_raw", "memsizer_triton", "topk_triton"]
+T_ALL = [1024, 2048, 4096, 8192, 16384]
+
+
+def run_benchmarks(out: str) -> None:
+    py = sys.executable
+    subprocess.run([py, os.path.join(HERE, "bench_attention.py"), "--out", os.path.join(out, "op"), "--variants",
+                    *OP_VARIANTS, "--T", *map(str, T_ALL)], check=True)
+    subprocess.run([py, os.path.join(HERE, "bench_model.py"), "--out", out, "--label", "refresh", "--T",
+                    *map(str, T_ALL), "--compile", "--compile-mode", "reduce-overhead", "--gen-variants",
+                    "linear+graph", "memsizer+graph", "softmax", "--batches", "1", "16", "256"], check=True)
+
+
+def load(dirs: list[str]) -> tuple[dict | None, list[dict]]:
+    """The newest op results found and every model run, oldest first (by the date each run wrote)."""
+    ops = [json.load(open(p)) for d in dirs for p in glob.glob(os.path.join(d, "op", "results.json"))]
+    models = [json.load(open(p)) for d in dirs for p in glob.glob(os.path.join(d, "model_*.json"))]
+    return max(ops, key=lambda r: r["date"], default=None), sorted(models, key=lambda r: r["date"])
+
+
+def merged(runs: list[dict], part: str, key: str) -> dict:
+    """{(variant, key value): point} over the runs; a later run's point replaces an earlier one. Ordered eager
+    before compiled / graphed, then softmax, linear, memsizer, topk."""
+    from bench_model import VARIANTS
+    out = {}
+    for run in runs:
+        for r in run.get(part, []):
+            if "error" not in r:
+                out[(r["variant"], r[key])] = r
+    order = list(VARIANTS)
+
+    def rank(item):
+        (variant, k), _ = item
+        base, _, mode = variant.partition("+")
+        return mode, order.index(base) if base in order else len(order), k
+    return dict(sorted(out.items(), key=rank))
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else "**met**" if ok else "**missed**"
+
+
+def train_targets(train: dict) -> list[tuple[str, str, str]]:
+    """(target, numbers, verdict) for the issue's training targets (ratios of tokens/s at the same T)."""
+    modes = [m for m in ("+reduce-overhead", "") if all((v + m, 1024) in train for v in ("softmax", "linear"))]
+    mode = modes[0] if modes else ""
+    label = "CUDA graphs" if mode else "eager"
+
+    def ratio(a, b, T):
+        pa, pb = train.get((a + mode, T)), train.get((b + mode, T))
+        return None if pa is None or pb is None else pa["tok_s"] / pb["tok_s"]
+
+    rows = []
+    for T, want in ((1024, 1.0), (8192, 2.0), (16384, 4.0)):
+        x = ratio("linear", "softmax", T)
+        times = "" if want == 1 else f"{want:g}x "
+        rows.append((f"linear >= {times}softmax tokens/s at T={T} ({label})", "-" if x is None else f"{x:.2f}x",
+                     _verdict(None if x is None else x >= want)))
+    xs = {T: ratio("memsizer", "linear", T) for T in T_ALL}
+    xs = {T: x for T, x in xs.items() if x is not None}
+    rows.append((f"MemSizer >= linear at every T ({label})", ", ".join(f"{x:.2f}x ({T})" for T, x in xs.items()) or "-",
+                 _verdict(min(xs.values()) >= 1.0 if xs else None)))
+    xs = {T: ratio("topk", "softmax", T) for T in T_ALL if T >= 4096}
+    xs = {T: x for T, x in xs.items() if x is not None}
+    rows.append((f"top-k >= 0.5x softmax at T >= 4096 ({label})", ", ".join(f"{x:.2f}x ({T})" for T, x in xs.items())
+                 or "-", _verdict(min(xs.values()) >= 0.5 if xs else None)))
+    return rows
+
+
+def generate_targets(gen: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for v in ("linear", "memsizer"):
+        name = v + "+graph" if any(k[0] == v + "+graph" for k in gen) else v
+        at16 = gen.get((name, 16))
+        best = max((p for (n, _), p in gen.items() if n == name), key=lambda p: p["img_s"], default=None)
+        rows.append((f"{name}: >= 20 images/s at batch 16", "-" if at16 is None else f"{at16['img_s']:.2f}",
+                     _verdict(None if at16 is None else at16["img_s"] >= 20)))
+        rows.append((f"{name}: >= 200 images/s at the best batch",
+                     "-" if best is None else f"{best['img_s']:.1f} (batch {best['B']})",
+                     _verdict(None if best is None else best["img_s"] >= 200)))
+    return rows
+
+
+def op_targets(op: dict | None) -> list[tuple[str, str, str]]:
+    """Op-level targets: fwd+bwd times at B, H of the run against the default SDPA backend and fla raw."""
+    pts = {}
+    for r in (op or {}).get("rows", []):
+        if r.get("fwdbwd_ms") is not None and (r["B"], r["H"]) == (op["config"]["B"], op["config"]["H"]):
+            pts[(r["variant"], r["T"])] = r["fwdbwd_ms"]
+
+    def row(target, a, b, Ts, limit):
+        xs = {T: pts[(a, T)] / pts[(b, T)] for T in Ts if (a, T) in pts and (b, T) in pts}
+        return (target, ", ".join(f"{x:.2f}x ({T})" for T, x in xs.items()) or "-",
+                _verdict(max(xs.values()) <= limit if xs else None))
+
+    return [row("linear fwd+bwd <= default-backend SDPA at T >= 2048", "linear_triton", "sdpa",
+                [T for T in T_ALL if T >= 2048], 1.0),
+            row("linear fwd+bwd <= fla normalize=False at T >= 4096", "linear_triton", "fla_chunk_raw",
+                [T for T in T_ALL if T >= 4096], 1.0),
+            row("top-k (k=64) fwd+bwd <= 2x default-backend SDPA at T >= 4096", "topk_triton", "sdpa",
+                [T for T in T_ALL if T >= 4096], 2.0)]
+
+
+def section(op: dict | None, runs: list[dict]) -> str:
+    from bench_model import table
+    from plot import markdown
+    lines = [BEGIN, "", "_Generated by `python3 bench/refresh.py`; edits here are overwritten._", ""]
+    train, gen = merged(runs, "train", "T"), merged(runs, "generate", "B")
+    if runs:
+        last = runs[-1]
+        dates = sorted(r["date"] for r in runs)
+        lines += [f"Whole model: {last['device']} | torch {last['torch']} | triton {last['triton']} | "
+                  f"{len(runs)} run{'s' if len(runs) > 1 else ''}, {dates[0]} to {dates[-1]}", "",
+                  "**Training tokens/s (k), peak MiB** (TransformerDecoder 8 x 512, B*T = 16384, autocast bf16, "
+                  "fwd + bwd + AdamW; `+reduce-overhead`: torch.compile with CUDA graphs)", ""]
+        lines += table(list(train.values()), "T", lambda T: f"T={T}",
+                       lambda r: f"{r['tok_s'] / 1e3:.0f}k, {r['peak_mib']:.0f}")
+        if gen:
+            lines += ["", "**Generation images/s** (3072 tokens, 16 layers, d=256; ms per token)", ""]
+            lines += table(list(gen.values()), "B", lambda B: f"batch {B}",
+                           lambda r: f"{r['img_s']:.2f} ({r['ms_per_token']:.2f} ms)"
+                           + (f"; first token {r['ttft_ms']:.0f} ms" if "ttft_ms" in r else ""))
+        lines.append("")
+    if op:
+        lines += ["Op level: " + markdown(op).split("**forward time")[0].strip(), ""]
+    lines += ["**Targets (issue #11)**", "", "| target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {t} | {n} | {v} |" for t, n, v in train_targets(train) + generate_targets(gen) + op_targets(op)]
+    return "\n".join(lines + ["", END])
+
+
+def write(results_md: str, text: str) -> None:
+    """Replace the marked section of RESULTS.md (or put it after the title when there is none yet), atomically."""
+    from attnlab.io import atomic_write
+    old = open(results_md).read() if os.path.exists(results_md) else "# Benchmark results\n"
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+    elif BEGIN in old or END in old:
+        raise ValueError(f"{results_md} has only one of the markers {BEGIN} / {END}: put both back or remove both")
+    else:
+        head, _, rest = old.partition("\n")
+        new = f"{head}\n\n{text}\n{rest}"
+    atomic_write(results_md, new)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="run the benchmarks (GPU) into this folder, then write")
+    ap.add_argument("--from", dest="src", nargs="+", help="only write, from these folders")
+    ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    args = ap.parse_args()
+    if bool(args.out) == bool(args.src):
+        ap.error("give one of --out DIR (run, then write) or --from DIR [DIR ...] (write only)")
+    if args.out:
+        run_benchmarks(args.out)
+    op, runs = load(args.src or [args.out])
+    if op is None and not runs:
+        sys.exit(f"no results.json under op/ and no model_*.json in {args.src or args.out}")
+    text = section(op, runs)
+    write(args.results, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""bench/refresh.py: the generated block of bench/RESULTS.md, from benchmark JSON written here (no GPU needed)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import refresh  # noqa: E402
+
+
+def model_run(date, points, gen=()):
+    return {"label": "x", "device": "GPU", "torch": "t", "triton": "tr", "date": date,
+            "train": [{"variant": v, "T": T, "tok_s": k * 1e3, "peak_mib": 100.0} for v, T, k in points],
+            "generate": [{"variant": v, "B": B, "img_s": i, "ms_per_token": 1.0} for v, B, i in gen]}
+
+
+def op_run(times):
+    return {"device": "GPU", "torch": "t", "triton": "tr", "fla": "f", "date": "2026-01-01", "commit": "c",
+            "baseline": "sdpa", "config": {"variants": sorted({v for v, _ in times}, key=lambda v: v != "sdpa"),
+                                           "B": 8, "H": 16, "D": 64, "dtype": "bfloat16"},
+            "rows": [{"variant": v, "T": T, "B": 8, "H": 16, "fwdbwd_ms": ms,
+                      "fwdbwd_x_sdpa": ms / times[("sdpa", T)] if ("sdpa", T) in times else None}
+                     for (v, T), ms in times.items()]
+            + [{"variant": "linear_triton", "T": 4096, "B": 1, "H": 12, "fwdbwd_ms": 99.0}]}  # fallback: ignored
+
+
+def write_runs(tmp_path, op, runs):
+    (tmp_path / "op").mkdir()
+    (tmp_path / "op" / "results.json").write_text(json.dumps(op))
+    for i, r in enumerate(runs):
+        (tmp_path / f"model_{i}.json").write_text(json.dumps(r))
+
+
+def test_targets_use_cuda_graph_runs_and_later_runs_win(tmp_path):
+    eager = [("softmax", T, 500) for T in (1024, 8192, 16384)] + [("linear", T, 400) for T in (1024, 8192, 16384)]
+    graphs = [("softmax+reduce-overhead", 1024, 1000), ("linear+reduce-overhead", 1024, 1100),
+              ("softmax+reduce-overhead", 8192, 500), ("linear+reduce-overhead", 8192, 900),
+              ("memsizer+reduce-overhead", 1024, 1200), ("memsizer+reduce-overhead", 8192, 800)]
+    old = model_run("2026-01-01", eager + graphs, gen=[("linear+graph", 16, 5.0), ("linear+graph", 4096, 300.0)])
+    new = model_run("2026-01-02", [("linear+reduce-overhead", 8192, 1100)], gen=[("linear+graph", 16, 25.0)])
+    op = op_run({("sdpa", 2048): 1.0, ("linear_triton", 2048): 0.5, ("sdpa", 4096): 4.0,
+                 ("linear_triton", 4096): 1.0, ("fla_chunk_raw", 4096): 0.8, ("topk_triton", 4096): 9.0})
+    write_runs(tmp_path, op, [new, old])  # file order does not matter: the dates do
+    op, runs = refresh.load([str(tmp_path)])
+    assert [r["date"] for r in runs] == ["2026-01-01", "2026-01-02"]
+    rows = {t: (n, v) for t, n, v in refresh.train_targets(refresh.merged(runs, "train", "T"))}
+    assert rows["linear >= softmax tokens/s at T=1024 (CUDA graphs)"] == ("1.10x", "**met**")
+    assert rows["linear >= 2x softmax tokens/s at T=8192 (CUDA graphs)"] == ("2.20x", "**met**")  # the later run
+    assert rows["linear >= 4x softmax tokens/s at T=16384 (CUDA graphs)"] == ("-", "not measured")
+    assert rows["MemSizer >= linear at every T (CUDA graphs)"] == ("1.09x (1024), 0.73x (8192)", "**missed**")
+    gen = {t: (n, v) for t, n, v in refresh.generate_targets(refresh.merged(runs, "generate", "B"))}
+    assert gen["linear+graph: >= 20 images/s at batch 16"] == ("25.00", "**met**")
+    assert gen["linear+graph: >= 200 images/s at the best batch"] == ("300.0 (batch 4096)", "**met**")
+    ops = {t: (n, v) for t, n, v in refresh.op_targets(op)}
+    assert ops["linear fwd+bwd <= default-backend SDPA at T >= 2048"] == ("0.50x (2048), 0.25x (4096)", "**met**")
+    assert ops["linear fwd+bwd <= fla normalize=False at T >= 4096"] == ("1.25x (4096)", "**missed**")
+    assert ops["top-k (k=64) fwd+bwd <= 2x default-backend SDPA at T >= 4096"] == ("2.25x (4096)", "**missed**")
+
+
+def test_eager_targets_when_no_compiled_run():
+    train = refresh.merged([model_run("d", [("softmax", 1024, 500), ("linear", 1024, 250)])], "train", "T")
+    assert refresh.train_targets(train)[0] == ("linear >= softmax tokens/s at T=1024 (eager)", "0.50x", "**missed**")
+
+
+def test_write_replaces_only_the_marked_block(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nbefore\n\n<!-- refresh:begin -->\nold\n<!-- refresh:end -->\n\nafter\n")
+    refresh.write(str(md), "<!-- refresh:begin -->\nnew\n<!-- refresh:end -->")
+    assert md.read_text() == "# Results\n\nbefore\n\n<!-- refresh:begin -->\nnew\n<!-- refresh:end -->\n\nafter\n"
+    fresh = tmp_path / "NEW.md"
+    fresh.write_text("# Title\nbody\n")
+    refresh.write(str(fresh), "<!-- refresh:begin -->\nx\n<!-- refresh:end -->")
+    assert fresh.read_text() == "# Title\n\n<!-- refresh:begin -->\nx\n<!-- refresh:end -->\nbody\n"
+    md.write_text("# R\n<!-- refresh:begin -->\n")
+    with pytest.raises(ValueError, match="only one of the markers"):
+        refresh.write(str(md), "x")
+
+
+def test_the_section_renders_the_tables(tmp_path):
+    write_runs(tmp_path, op_run({("sdpa", 4096): 4.0, ("linear_triton", 4096): 1.0}),
+               [model_run("d", [("softmax", 1024, 500), ("linear", 1024, 400)], gen=[("softmax", 1, 0.5)])])
+    text = refresh.section(*refresh.load([str(tmp_path)]))
+    assert text.startswith(refresh.BEGIN) and text.endswith(refresh.END)
+    assert "| softmax | 500k, 100 |" in text and "| linear | 400k, 100 |" in text
+    assert "| 4096 | 8,16 | 4 | 1 (0.25x) |" in text and "| softmax | 0.50 (1.00 ms) |" in text
