@@ -95,7 +95,8 @@ class BaseModule(pl.LightningModule):
         if "32" not in str(self.trainer.precision) and "64" not in str(self.trainer.precision):
             fixes.append("train in full precision (`trainer.precision=32`)")
         return (f"loss is {value} at step {self.global_step}. Fix: " + "; ".join(fixes) +
-                ". Resume from the last good checkpoint with `ckpt_path=.../checkpoints/last.ckpt` and the new options.")
+                ". Resume from the last good checkpoint with `ckpt_path=.../checkpoints/last.ckpt` and the new "
+                "options.")
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def setup(self, stage: str):
