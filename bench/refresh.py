@@ -62,6 +62,14 @@ def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else "**met**" if ok else "**missed**"
 
 
+def _per_T(target: str, ratios: dict, ok) -> tuple[str, str, str]:
+    """A target that must hold at several T: the measured ratios ({T: ratio, None where not measured}) and whether
+    ``ok(ratio)`` holds at all of them."""
+    xs = {T: x for T, x in ratios.items() if x is not None}
+    return (target, ", ".join(f"{x:.2f}x ({T})" for T, x in xs.items()) or "-",
+            _verdict(all(ok(x) for x in xs.values()) if xs else None))
+
+
 def train_targets(train: dict) -> list[tuple[str, str, str]]:
     """(target, numbers, verdict) for the issue's training targets (ratios of tokens/s at the same T)."""
     modes = [m for m in ("+reduce-overhead", "") if all((v + m, 1024) in train for v in ("softmax", "linear"))]
@@ -78,14 +86,10 @@ def train_targets(train: dict) -> list[tuple[str, str, str]]:
         times = "" if want == 1 else f"{want:g}x "
         rows.append((f"linear >= {times}softmax tokens/s at T={T} ({label})", "-" if x is None else f"{x:.2f}x",
                      _verdict(None if x is None else x >= want)))
-    xs = {T: ratio("memsizer", "linear", T) for T in T_ALL}
-    xs = {T: x for T, x in xs.items() if x is not None}
-    rows.append((f"MemSizer >= linear at every T ({label})", ", ".join(f"{x:.2f}x ({T})" for T, x in xs.items()) or "-",
-                 _verdict(min(xs.values()) >= 1.0 if xs else None)))
-    xs = {T: ratio("topk", "softmax", T) for T in T_ALL if T >= 4096}
-    xs = {T: x for T, x in xs.items() if x is not None}
-    rows.append((f"top-k >= 0.5x softmax at T >= 4096 ({label})", ", ".join(f"{x:.2f}x ({T})" for T, x in xs.items())
-                 or "-", _verdict(min(xs.values()) >= 0.5 if xs else None)))
+    rows.append(_per_T(f"MemSizer >= linear at every T ({label})",
+                       {T: ratio("memsizer", "linear", T) for T in T_ALL}, lambda x: x >= 1.0))
+    rows.append(_per_T(f"top-k >= 0.5x softmax at T >= 4096 ({label})",
+                       {T: ratio("topk", "softmax", T) for T in T_ALL if T >= 4096}, lambda x: x >= 0.5))
     return rows
 
 
@@ -111,9 +115,8 @@ def op_targets(op: dict | None) -> list[tuple[str, str, str]]:
             pts[(r["variant"], r["T"])] = r["fwdbwd_ms"]
 
     def row(target, a, b, Ts, limit):
-        xs = {T: pts[(a, T)] / pts[(b, T)] for T in Ts if (a, T) in pts and (b, T) in pts}
-        return (target, ", ".join(f"{x:.2f}x ({T})" for T, x in xs.items()) or "-",
-                _verdict(max(xs.values()) <= limit if xs else None))
+        return _per_T(target, {T: pts[(a, T)] / pts[(b, T)] for T in Ts if (a, T) in pts and (b, T) in pts},
+                      lambda x: x <= limit)
 
     return [row("linear fwd+bwd <= default-backend SDPA at T >= 2048", "linear_triton", "sdpa",
                 [T for T in T_ALL if T >= 2048], 1.0),
