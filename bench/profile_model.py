@@ -1,6 +1,6 @@
 """Where the time of one training step goes: the model of bench_model.py under torch.profiler (issue #11).
 
-    python3 bench/profile_model.py --out DIR [--variants linear softmax] [--T 1024 8192] [--compile]
+    python3 bench/profile_model.py --out DIR [--variants linear softmax] [--T 1024 8192] [--compile [--compile-mode M]]
 
 For each variant and T: the wall time of a step (median), the GPU time inside it (the sum of its kernels), the host
 time the Python/dispatcher side spends, the number of kernels launched and of dtype casts (aten::_to_copy), and the
@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--T", nargs="+", type=int, default=[1024, 8192])
     ap.add_argument("--compile", action="store_true", help="profile under torch.compile as well")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (reduce-overhead: CUDA graphs)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=3)
     args = ap.parse_args()
@@ -67,7 +68,8 @@ def main():
             for T in args.T:
                 name = v + ("+compile" if comp else "")
                 try:
-                    r, text = profile_point(v, T, comp, args.steps, args.warm)
+                    r, text = profile_point(v, T, (args.compile_mode or True) if comp else False, args.steps,
+                                            args.warm)
                 except Exception as e:  # noqa: BLE001 - recorded; the next point still runs
                     r, text = dict(error=f"{type(e).__name__}: {str(e)[:300]}"), ""
                     torch.cuda.empty_cache()

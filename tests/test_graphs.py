@@ -69,3 +69,22 @@ def test_the_length_limit_is_still_named():
     net = decoder("linear", "cuda")
     with pytest.raises(ValueError, match="max_len=64"):
         greedy(CUDAGraphs(net), torch.zeros(1, 60, dtype=torch.long, device="cuda"), 10)
+
+
+def test_only_weights_that_only_linear_reads_are_pre_cast():
+    """The dry-run watch picks the projection weights and biases; LayerNorm's, the embedding and a head tied to it
+    (read by the embedding lookup too) stay out, since casting those would change what the step computes."""
+    from attnlab.decoding.graphs import _LinearOnly
+    for tie in (False, True):
+        torch.manual_seed(0)
+        net = TransformerDecoder({"name": "linear"}, vocab_size=37, max_len=64, d_model=32, n_layers=2, n_heads=4,
+                                 d_ff=64, dropout=0.0, tie_embeddings=tie).eval()
+        state = net.init_state(3)
+        watch = _LinearOnly(net.parameters())
+        with torch.no_grad(), watch:
+            net.step(torch.zeros(3, dtype=torch.long), state)
+        picked = {id(p) for p in watch.result()}
+        linear = {id(p) for m in net.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+        tied = {id(net.embed.tok.weight)}
+        assert picked == (linear - tied if tie else linear)
+        assert not picked & {id(p) for m in net.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}

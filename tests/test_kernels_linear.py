@@ -10,7 +10,8 @@ import attnlab.kernels.linear_attn.chunk as chunk  # noqa: E402
 import attnlab.kernels.linear_attn.function as function  # noqa: E402
 import attnlab.kernels.linear_attn.recurrent as recurrent  # noqa: E402
 from kernel_utils import TOL, rel  # noqa: E402
-from attnlab.kernels.linear_attn.reference import linear_attention_ref, linear_attention_step_ref  # noqa: E402
+from attnlab.kernels.linear_attn.reference import exclusive_scan_ref, linear_attention_ref, \
+    linear_attention_step_ref  # noqa: E402
 
 
 def padding(B, S, g):
@@ -24,7 +25,8 @@ def padding(B, S, g):
 CASES = [
     (True, 2, 2, 63, 63, 8, 24, torch.float32, True, 0),
     (True, 1, 2, 129, 129, 16, 40, torch.bfloat16, True, 0),
-    (True, 2, 1, 129, 129, 8, 16, torch.float32, True, 64),     # split into runs: prefix / suffix states
+    (True, 2, 1, 129, 129, 8, 16, torch.float32, True, 64),     # split into one-chunk runs: prefix / suffix states
+    (True, 1, 2, 257, 257, 8, 16, torch.float32, True, 6),      # runs of 2, 2 and 1 chunks: states carried too
     (True, 2, 1, 65, 65, 64, 80, torch.float32, True, 0),       # two dv-tiles: dq/dk partials, dden outside
     (True, 2, 1, 1, 1, 4, 4, torch.float16, False, 0),
     (False, 2, 2, 63, 129, 8, 24, torch.bfloat16, True, 0),
@@ -56,6 +58,20 @@ def test_linear_attention_matches_reference(case, poison, monkeypatch):
         if name in names:
             assert torch.isfinite(a).all(), name
             assert rel(a, b) < TOL[dt], (name, rel(a, b))
+
+
+@pytest.mark.parametrize("ns", [1, 2, 17, 64, 130])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_exclusive_scan_matches_reference(ns, reverse):
+    """The run-state scan (several blocks of runs when ns > 64), with one huge run: the runs on the other side of it
+    keep their digits (no cumsum - x)."""
+    g = torch.Generator().manual_seed(ns)
+    x = torch.randn(ns, 3, 5, 7, generator=g)
+    x[ns // 2] *= 1e6
+    y, ref = chunk.exclusive_scan(x, reverse), exclusive_scan_ref(x.double(), reverse)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    bound = 1e-5 * (exclusive_scan_ref(x.double().abs(), reverse) + 1)  # float32 sums of at most 130 terms
+    assert ((y.double() - ref).abs() <= bound).all()
 
 
 def test_unmapped_features_and_split_heads_layout(poison):

@@ -105,6 +105,30 @@ def _run(T, BT: tl.constexpr):
 
 
 @triton.jit
+def _scan_kernel(X, Y, NS, N, REVERSE: tl.constexpr, RB: tl.constexpr, BLOCK: tl.constexpr):
+    """Y[s] = sum of X[j] over runs j < s (REVERSE: j > s), for one block of the N columns of X (NS, N), float32.
+    RB runs at a time: each row is loaded shifted by one run and summed by tl.cumsum, so the exclusive sum never
+    subtracts (cumsum - x would lose a small run's digits next to a huge one, e.g. r = 1/eps on an all-padding row)."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cm = cols < N
+    ri = tl.arange(0, RB)
+    carry = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(tl.cdiv(NS, RB)):
+        if REVERSE:
+            s = NS - (i + 1) * RB + ri  # this block's rows, last block first (s < 0 rows are off)
+            src = s + 1
+        else:
+            s = i * RB + ri
+            src = s - 1
+        rows = (s >= 0) & (s < NS)
+        x = tl.load(X + src.to(tl.int64)[:, None] * N + cols[None, :],
+                    mask=(rows & (src >= 0) & (src < NS))[:, None] & cm[None, :], other=0.0)
+        y = carry[None, :] + tl.cumsum(x, 0, reverse=REVERSE)
+        tl.store(Y + s.to(tl.int64)[:, None] * N + cols[None, :], y, mask=rows[:, None] & cm[None, :])
+        carry += tl.sum(x, 0)
+
+
+@triton.jit
 def _state_kernel(K, V, M, SO, ZO, T, H, skb, skh, skt, svb, svh, svt, smb,
                   DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   ELU1: tl.constexpr, HAS_MASK: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
@@ -140,7 +164,8 @@ def _fwd_kernel(Q, K, V, O, S0, Z0, R, M, T, H, sqb, sqh, sqt, skb, skh, skt, sv
                 s0s, z0s, eps,
                 DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_S0: tl.constexpr, ELU1: tl.constexpr, NORM: tl.constexpr,
-                SCALE: tl.constexpr, HAS_MASK: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+                SCALE: tl.constexpr, HAS_MASK: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
+                CARRY: tl.constexpr):
     """y over this program's run of query chunks, starting from S0/Z0[split] (stride s0s/z0s) when HAS_S0.
     NORM: writes r = 1/(den + eps) to R (float32, (B*H, T)) for the backward; SCALE: reads a row scale from R."""
     pid_v, bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -183,8 +208,9 @@ def _fwd_kernel(Q, K, V, O, S0, Z0, R, M, T, H, sqb, sqh, sqt, skb, skh, skt, sv
             num += tl.dot(A, v, input_precision=PREC)
             if NORM:  # the rounded scores, as in num: rounding them then mostly cancels in num / den
                 den += tl.sum(A.to(tl.float32), 1)
-            S += tl.dot(kT, v, input_precision=PREC)
-            z += tl.sum(kT.to(tl.float32), 1)
+            if CARRY:  # (runs of one chunk never use the state again)
+                S += tl.dot(kT, v, input_precision=PREC)
+                z += tl.sum(kT.to(tl.float32), 1)
         if NORM:
             r = 1.0 / (den + eps)
             num = num * r[:, None]
@@ -203,7 +229,7 @@ def _bwd_q_kernel(Q, K, V, O, DO, DQ, S0, Z0, R, DD, RO, WO, M, T, H,
                   DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_S0: tl.constexpr, ACC_R: tl.constexpr, ELU1: tl.constexpr,
                   NORM: tl.constexpr, SCALE: tl.constexpr, DDEN_INLINE: tl.constexpr, HAS_MASK: tl.constexpr,
-                  LOWP: tl.constexpr, PREC: tl.constexpr):
+                  LOWP: tl.constexpr, PREC: tl.constexpr, CARRY: tl.constexpr):
     """dq over this program's run of query chunks (dv-tile partial at DQ + pid_v * sgv). NORM: dden = -r (dy . y)
     is computed here from the full row when one dv-tile covers dv (DDEN_INLINE; stored to DD for the key side),
     else read from DD. ACC_R: also sums this run's R = sum Q^T dnum and w = sum dden Q (to RO, WO[split])."""
@@ -268,8 +294,9 @@ def _bwd_q_kernel(Q, K, V, O, DO, DQ, S0, Z0, R, DD, RO, WO, M, T, H,
                 G += dden[:, None]
             G = tl.where(rows[:, None] >= rows[None, :], G, 0.0)
             dq += tl.dot(_cast(G, LOWP), kc, input_precision=PREC)
-            St += tl.dot(vT, kc, input_precision=PREC)
-            z += tl.sum(kc.to(tl.float32), 0)
+            if CARRY:
+                St += tl.dot(vT, kc, input_precision=PREC)
+                z += tl.sum(kc.to(tl.float32), 0)
         if ACC_R:
             qT = _cast(tl.trans(_feat(qraw, mq, ELU1)), LOWP)
             Racc += tl.dot(qT, dnc, input_precision=PREC)
@@ -291,7 +318,8 @@ def _bwd_kv_kernel(Q, K, V, DO, DK_, DV_, R0, W0, R, DD, M, T, TQ, H,
                    r0s, w0s,
                    DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_R0: tl.constexpr, ELU1: tl.constexpr, NORM: tl.constexpr,
-                   SCALE: tl.constexpr, HAS_MASK: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+                   SCALE: tl.constexpr, HAS_MASK: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
+                   CARRY: tl.constexpr):
     """dk (dv-tile partial) and dv over this program's run of key chunks, last chunk first, carrying
     R = sum_{t>=j} Q_t dnum_t^T and w = sum_{t>=j} dden_t Q_t from R0/W0[split] (the later runs, or everything
     when bidirectional) when HAS_R0."""
@@ -345,11 +373,13 @@ def _bwd_kv_kernel(Q, K, V, DO, DK_, DV_, R0, W0, R, DD, M, T, TQ, H,
             if NORM:
                 dden = tl.where(first, tl.load(DD + rows, mask=rmask, other=0.0), 0.0)
                 Gt += dden[None, :]
-                w += tl.sum(qc.to(tl.float32) * dden[:, None], 0)
+                if CARRY:
+                    w += tl.sum(qc.to(tl.float32) * dden[:, None], 0)
             Gt = tl.where(tri, Gt, 0.0)
             dk += tl.dot(_cast(Gt, LOWP), qc, input_precision=PREC)
             dv += tl.dot(_cast(At, LOWP), dnc, input_precision=PREC)
-            Rs += tl.dot(tl.trans(qc), dnc, input_precision=PREC)
+            if CARRY:
+                Rs += tl.dot(tl.trans(qc), dnc, input_precision=PREC)
         dk = tl.where(mk, _dfeat(dk, kraw, ELU1), 0.0)
         tl.store(DK_ + cb * sgt + ti[:, None] * sgt + ck[None, :], dk.to(DK_.dtype.element_ty),
                  mask=rmask[:, None] & mkc[None, :])
@@ -457,15 +487,21 @@ def _splits(B, H, NV, n_rows, causal, BT):
     return max(1, min(chunks, triton.cdiv(target, B * H * NV)))
 
 
-def _prefix(x):
-    """Exclusive prefix sum over the runs (dim 0): the state each run starts from. Not cumsum - x: one huge run
-    (a row whose keys are all padding has r = 1/eps) would wipe out the others' digits in the subtraction."""
-    return torch.cat([torch.zeros_like(x[:1]), x[:-1].cumsum(0)])
+def _carry(causal, runs, n_rows, BT):
+    """False when every causal run is one chunk: the kernels then skip updating a state nothing reads again."""
+    return not causal or runs < triton.cdiv(n_rows, BT)
 
 
-def _suffix(x):
-    """Exclusive suffix sum over the runs: the reverse scan's starting state."""
-    return torch.cat([x[1:].flip(0).cumsum(0).flip(0), torch.zeros_like(x[:1])])
+def exclusive_scan(x, reverse=False):
+    """Exclusive sum over the runs (dim 0) of a float32 (runs, ...) tensor: the state each run starts from (reverse:
+    the backward's key-side runs, summing the later runs). One pass of _scan_kernel (torch's cumsum, flip and cat
+    took 0.43 of the 0.77 ms of linear attention fwd+bwd at B=1, H=8, T=16384 on an H200)."""
+    ns = x.shape[0]
+    n = x[0].numel()
+    y = torch.empty_like(x)
+    rb = max(16, min(64, triton.next_power_of_2(ns)))
+    _scan_kernel[(triton.cdiv(n, 64),)](x, y, ns, n, REVERSE=reverse, RB=rb, BLOCK=64, num_warps=4)
+    return y
 
 
 @_retry
@@ -493,13 +529,14 @@ def _fwd(q, k, v, causal, elu1, norm, eps, scale, B, H, T, S, DK, DV, NV, m, smb
         zp = torch.empty(nk, B * H, DK, device=dev, dtype=f32)
         _state_kernel[(NV, B * H, nk)](k, v, m, Sp, zp, S, H, *k.stride()[:3], *v.stride()[:3], smb,
                                        ELU1=elu1, **common, **opts)
-        S0, z0 = (_prefix(Sp), _prefix(zp)) if causal else (Sp.sum(0, keepdim=True), zp.sum(0, keepdim=True))
+        S0, z0 = ((exclusive_scan(Sp), exclusive_scan(zp)) if causal
+                  else (Sp.sum(0, keepdim=True), zp.sum(0, keepdim=True)))
     run = S0 is not None and S0.shape[0] > 1  # per-run start states; else one shared (or none)
     _fwd_kernel[(NV, B * H, ns)](q, k, v, o, q if S0 is None else S0, q if z0 is None else z0,
                                  q if r is None else r, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                  *o.stride()[:3], smb, S0.stride(0) if run else 0, z0.stride(0) if run else 0, eps,
                                  CAUSAL=causal, HAS_S0=S0 is not None, ELU1=elu1, NORM=norm, SCALE=scale is not None,
-                                 **common, **opts)
+                                 CARRY=_carry(causal, ns, T, common["BT"]), **common, **opts)
     return o, r, S0, z0
 
 
@@ -544,15 +581,17 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
                                      *o_.stride()[:3], *do.stride()[:3], *gq, smb,
                                      S0.stride(0) if run else 0, z0.stride(0) if run else 0,
                                      CAUSAL=causal, HAS_S0=S0 is not None, ACC_R=acc_r, ELU1=elu1, NORM=norm,
-                                     SCALE=scale, DDEN_INLINE=inline, **common, **opts)
+                                     SCALE=scale, DDEN_INLINE=inline, CARRY=_carry(causal, ns_q, T, common["BT"]),
+                                     **common, **opts)
     R0 = W0 = q
     if acc_r:
-        R0, W0 = (_suffix(Rp), _suffix(Wp)) if causal else (Rp.sum(0, keepdim=True), Wp.sum(0, keepdim=True))
+        R0, W0 = (exclusive_scan(Rp, True), exclusive_scan(Wp, True)) if causal else (Rp.sum(0, keepdim=True), Wp.sum(0, keepdim=True))
     ns_k = ns_q if causal else _splits(B, H, NV, S, False, common["BT"])
     _bwd_kv_kernel[(NV, B * H, ns_k)](q, k, v, do, dk, dv, R0, W0, rr, dd, m, S, T, H, *q.stride()[:3],
                                       *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gk, *dv.stride()[:3], smb,
                                       R0.stride(0) if run else 0, W0.stride(0) if run else 0,
-                                      CAUSAL=causal, HAS_R0=acc_r, ELU1=elu1, NORM=norm, SCALE=scale, **common, **opts)
+                                      CAUSAL=causal, HAS_R0=acc_r, ELU1=elu1, NORM=norm, SCALE=scale,
+                                      CARRY=_carry(causal, ns_k, S, common["BT"]), **common, **opts)
     if NV > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
     return dq, dk, dv

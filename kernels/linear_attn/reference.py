@@ -90,3 +90,11 @@ def linear_attention_chunked_torch(q, k, v, causal: bool = True, eps: float = 1e
     ones = v.new_ones(*v.shape[:-1], 1)  # the denominator phi(q).z_t is the numerator's sum with v = 1
     out = causal_dot_chunked(q, k, torch.cat([v, ones], -1), chunk)
     return out[..., :-1] / (out[..., -1:] + eps)
+
+
+def exclusive_scan_ref(x, reverse: bool = False):
+    """Exclusive sum over dim 0 (reverse: of the later entries), the definition chunk.exclusive_scan computes.
+    Not cumsum - x: a huge entry would wipe out the others' digits in the subtraction."""
+    if reverse:
+        return torch.cat([x[1:].flip(0).cumsum(0).flip(0), torch.zeros_like(x[:1])])
+    return torch.cat([torch.zeros_like(x[:1]), x[:-1].cumsum(0)])

@@ -7,6 +7,11 @@ more CPU time to launch than GPU time to run (bench/RESULTS.md: 9.3 ms per token
 ``step`` captures the model's step once into a CUDA graph over static buffers (the token, the position, every state
 tensor) and replays it afterwards. The graph computes exactly what the eager step computes, on the same kernels.
 
+Under autocast, the weights that the step only ever hands to ``F.linear`` are cast to the autocast dtype once, outside
+the graph, and the graph reads those copies: autocast would otherwise launch one cast kernel per weight and bias per
+token (274 of the 512 kernels of a 16-layer step; NOTES.md). The copies are refreshed whenever a weight changes
+(its version counter moves, e.g. an optimizer step between two searches). Linear's own cast gives the same bits.
+
 It applies when the state keeps its shapes from step to step: the recurrent states of linear attention, MemSizer and
 Performer, and cross-attention over a fixed memory. A growing KV cache (softmax, top-k, Reformer) changes shape, so
 those steps run eagerly; so does every step on the CPU, and a step with a padding mask. A state handed in that is not
@@ -18,6 +23,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 _TENSOR = object()  # marks where a state holds a tensor, in the structure a graph is captured for
 
@@ -42,6 +49,26 @@ def _copy_into(dst: list, src: list) -> None:
             d.copy_(s)
 
 
+class _LinearOnly(TorchFunctionMode):
+    """Records, over the calls it sees, which of ``params`` are only ever the weight or bias of ``F.linear``: any
+    other use (another op, reading ``.dtype`` for an allocation, a custom Function) excludes a parameter."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = {id(p): p for p in params}
+        self.linear, self.other = set(), set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, a in enumerate([*args, *kwargs.values()]):
+            if isinstance(a, torch.Tensor) and id(a) in self.params:
+                (self.linear if func is F.linear and i in (1, 2) else self.other).add(id(a))
+        return func(*args, **kwargs)
+
+    def result(self) -> list:
+        return [self.params[i] for i in self.linear - self.other]
+
+
 class CUDAGraphs:
     """``model`` (init_state / step / prefill / reorder_state, e.g. ``TransformerDecoder``) with ``step`` replayed
     from a CUDA graph where the state's shapes allow it (module docstring)."""
@@ -50,6 +77,7 @@ class CUDAGraphs:
         self.model, self.warmup = model, warmup
         self.max_len = getattr(model, "max_len", None)
         self.graph, self.key = None, None
+        self.casts, self.versions = [], []  # (module, name, parameter, its low-precision copy), version at the copy
         self.captures = 0
 
     def init_state(self, batch_size, memory=None, memory_padding_mask=None) -> dict:
@@ -74,7 +102,7 @@ class CUDAGraphs:
         if past_end or not self.graphable(tokens, state, pad):  # (the eager step names the length limit)
             return self.model.step(tokens, state, pad)
         key = _signature(state, tokens)
-        if key != self.key:
+        if key != self.key or not self._casts_current():
             self._capture(tokens, state, key)
         self.tokens.copy_(tokens)
         self.pos.fill_(state["pos"])
@@ -83,6 +111,28 @@ class CUDAGraphs:
         self._adopt(state)
         state["pos"] += 1
         return self.logits.clone()  # the buffer is overwritten by the next replay
+
+    def _casts_current(self) -> bool:
+        """Refresh the low-precision weight copies of any weight that changed; False when a module holds another
+        parameter object than at capture (the graph must be captured again)."""
+        for i, (mod, name, p, low) in enumerate(self.casts):
+            if mod._parameters[name] is not p:
+                return False
+            if p._version != self.versions[i]:
+                low.copy_(p.detach())
+                self.versions[i] = p._version
+        return True
+
+    @contextlib.contextmanager
+    def _low_weights(self):
+        """The modules hold the low-precision copies (as Parameters on their storage) while the step is captured."""
+        for mod, name, _, low in self.casts:
+            mod._parameters[name] = torch.nn.Parameter(low, requires_grad=False)
+        try:
+            yield
+        finally:
+            for mod, name, p, _ in self.casts:
+                mod._parameters[name] = p
 
     def _adopt(self, state: dict) -> None:
         """Point the caller's state at the graph's buffers, which now hold the advanced state (in place, as the
@@ -107,29 +157,38 @@ class CUDAGraphs:
         _copy_into(self.leaves, _leaves(state))
 
     def _capture(self, tokens: torch.Tensor, state: dict, key: tuple) -> None:
-        self.graph = None
+        self.graph, self.casts, self.versions = None, [], []
         self.template = [[type(s)({k: _TENSOR if torch.is_tensor(v) else v for k, v in s.items()}) for s in states]
                          for states in state["layers"]]
         self.leaves = [v.clone() for v in _leaves(state)]
         self.tokens, self.pos = tokens.clone(), torch.tensor(state["pos"], device=tokens.device)
         dev = tokens.device.type
         # Autocast caches the low-precision copies of the weights for the life of its context; a graph that read them
-        # would read freed memory once that context ends. Captured without the cache, the casts are in the graph.
+        # would read freed memory once that context ends. So the cache is off, and the linear weights' copies are ours.
         amp = torch.autocast(dev, torch.get_autocast_dtype(dev), cache_enabled=False) \
             if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
         with torch.no_grad(), amp:
             saved = [v.clone() for v in self.leaves]
-            # the output's shape and dtype, from a step on copies (a step may write its state in place)
-            self.logits = self.model.step(self.tokens, self._state([v.clone() for v in saved], state["pos"]))
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the graph (lazy init, autotuning), as CUDA graphs need
-                for _ in range(self.warmup):
+            # the output's shape and dtype, from a step on copies (a step may write its state in place); it also
+            # finds the weights that only F.linear reads, which autocast casts on every call
+            watch = _LinearOnly(self.model.parameters())
+            with watch:
+                self.logits = self.model.step(self.tokens, self._state([v.clone() for v in saved], state["pos"]))
+            if torch.is_autocast_enabled(dev):
+                low = {id(p): p.detach().to(torch.get_autocast_dtype(dev)) for p in watch.result()}
+                self.casts = [(mod, name, p, low[id(p)]) for mod in self.model.modules()
+                              for name, p in mod._parameters.items() if p is not None and id(p) in low]
+                self.versions = [p._version for _, _, p, _ in self.casts]
+            with self._low_weights():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up outside the graph (lazy init, autotuning), as graphs need
+                    for _ in range(self.warmup):
+                        self._run()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
                     self._run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._run()
             _copy_into(self.leaves, saved)  # capture and warm-up advanced the buffers: undo
         self.graph, self.key = graph, key
         self.captures += 1
