@@ -262,6 +262,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also train each variant under torch.compile")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode for --compile (e.g. reduce-overhead: the steps replayed from CUDA graphs)")
+    ap.add_argument("--compiled-only", action="store_true", help="with --compile: skip the eager training points")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--report", nargs="+", help="print tables / draw plots from these JSON files and exit")
     args = ap.parse_args()
@@ -275,7 +276,7 @@ def main():
                triton=triton.__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                train=[], generate=[])
     t0 = time.time()
-    plan = [(v, T, False) for v in args.variants for T in args.T]
+    plan = [] if args.compile and args.compiled_only else [(v, T, False) for v in args.variants for T in args.T]
     if args.compile:
         plan += [(v, T, args.compile_mode or True) for v in args.variants for T in args.T]
     for v, T, comp in plan:

@@ -16,19 +16,20 @@ def model_run(date, points, gen=()):
             "generate": [{"variant": v, "B": B, "img_s": i, "ms_per_token": 1.0} for v, B, i in gen]}
 
 
-def op_run(times):
-    return {"device": "GPU", "torch": "t", "triton": "tr", "fla": "f", "date": "2026-01-01", "commit": "c",
-            "baseline": "sdpa", "config": {"variants": sorted({v for v, _ in times}, key=lambda v: v != "sdpa"),
-                                           "B": 8, "H": 16, "D": 64, "dtype": "bfloat16"},
+def op_run(times, timing=None, date="2026-01-01"):
+    config = {"variants": sorted({v for v, _ in times}, key=lambda v: v != "sdpa"), "B": 8, "H": 16, "D": 64,
+              "dtype": "bfloat16", **({"timing": timing} if timing else {})}  # results before session 5: no timing
+    return {"device": "GPU", "torch": "t", "triton": "tr", "fla": "f", "date": date, "commit": "c",
+            "baseline": "sdpa", "config": config,
             "rows": [{"variant": v, "T": T, "B": 8, "H": 16, "fwdbwd_ms": ms,
                       "fwdbwd_x_sdpa": ms / times[("sdpa", T)] if ("sdpa", T) in times else None}
                      for (v, T), ms in times.items()]
             + [{"variant": "linear_triton", "T": 4096, "B": 1, "H": 12, "fwdbwd_ms": 99.0}]}  # fallback: ignored
 
 
-def write_runs(tmp_path, op, runs):
-    (tmp_path / "op").mkdir()
-    (tmp_path / "op" / "results.json").write_text(json.dumps(op))
+def write_runs(tmp_path, op, runs, folder="op"):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "results.json").write_text(json.dumps(op))
     for i, r in enumerate(runs):
         (tmp_path / f"model_{i}.json").write_text(json.dumps(r))
 
@@ -43,8 +44,8 @@ def test_targets_use_cuda_graph_runs_and_later_runs_win(tmp_path):
     op = op_run({("sdpa", 2048): 1.0, ("linear_triton", 2048): 0.5, ("sdpa", 4096): 4.0,
                  ("linear_triton", 4096): 1.0, ("fla_chunk_raw", 4096): 0.8, ("topk_triton", 4096): 9.0})
     write_runs(tmp_path, op, [new, old])  # file order does not matter: the dates do
-    op, runs = refresh.load([str(tmp_path)])
-    assert [r["date"] for r in runs] == ["2026-01-01", "2026-01-02"]
+    ops, runs = refresh.load([str(tmp_path)])
+    assert [r["date"] for r in runs] == ["2026-01-01", "2026-01-02"] and list(ops) == ["eager"]
     rows = {t: (n, v) for t, n, v in refresh.train_targets(refresh.merged(runs, "train", "T"))}
     assert rows["linear >= softmax tokens/s at T=1024 (CUDA graphs)"] == ("1.10x", "**met**")
     assert rows["linear >= 2x softmax tokens/s at T=8192 (CUDA graphs)"] == ("2.20x", "**met**")  # the later run
@@ -53,10 +54,29 @@ def test_targets_use_cuda_graph_runs_and_later_runs_win(tmp_path):
     gen = {t: (n, v) for t, n, v in refresh.generate_targets(refresh.merged(runs, "generate", "B"))}
     assert gen["linear+graph: >= 20 images/s at batch 16"] == ("25.00", "**met**")
     assert gen["linear+graph: >= 200 images/s at the best batch"] == ("300.0 (batch 4096)", "**met**")
-    ops = {t: (n, v) for t, n, v in refresh.op_targets(op)}
-    assert ops["linear fwd+bwd <= default-backend SDPA at T >= 2048"] == ("0.50x (2048), 0.25x (4096)", "**met**")
-    assert ops["linear fwd+bwd <= fla normalize=False at T >= 4096"] == ("1.25x (4096)", "**missed**")
-    assert ops["top-k (k=64) fwd+bwd <= 2x default-backend SDPA at T >= 4096"] == ("2.25x (4096)", "**missed**")
+    ops = {t: (n, v) for t, n, v in refresh.op_targets(ops["eager"])}
+    assert ops["linear fwd+bwd <= default-backend SDPA at T >= 2048 (eager)"] == ("0.50x (2048), 0.25x (4096)",
+                                                                                   "**met**")
+    assert ops["linear fwd+bwd <= fla normalize=False at T >= 4096 (eager)"] == ("1.25x (4096)", "**missed**")
+    assert ops["top-k (k=64) fwd+bwd <= 2x default-backend SDPA at T >= 4096 (eager)"] == ("2.25x (4096)",
+                                                                                          "**missed**")
+
+
+def test_graph_timed_op_results_are_judged_beside_eager_ones(tmp_path):
+    """op_graph/ (bench_attention --timing graph) is read as its own table and its own target rows; of two runs
+    timed the same way the newer one counts."""
+    write_runs(tmp_path, op_run({("sdpa", 4096): 4.0, ("linear_triton", 4096): 6.0}), [])
+    write_runs(tmp_path, op_run({("sdpa", 4096): 2.0, ("linear_triton", 4096): 1.0}, "graph", "2026-01-03"), [],
+               folder="op_graph")
+    (tmp_path / "old").mkdir()
+    write_runs(tmp_path / "old", op_run({("sdpa", 4096): 2.0, ("linear_triton", 4096): 9.0}, "graph"), [],
+               folder="op_graph")
+    ops, _ = refresh.load([str(tmp_path / "old"), str(tmp_path)])
+    assert sorted(ops) == ["eager", "graph"] and ops["graph"]["date"] == "2026-01-03"
+    text = refresh.section(ops, [])
+    assert "Op level, eager:" in text and "Op level, CUDA graphs:" in text
+    assert "| linear fwd+bwd <= default-backend SDPA at T >= 2048 (eager) | 1.50x (4096) | **missed** |" in text
+    assert "| linear fwd+bwd <= default-backend SDPA at T >= 2048 (CUDA graphs) | 0.50x (4096) | **met** |" in text
 
 
 def test_eager_targets_when_no_compiled_run():
