@@ -5,6 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 pytest.importorskip("numpy")
+import triton  # noqa: E402
 
 import attnlab.kernels.linear_attn.chunk as chunk  # noqa: E402
 import attnlab.kernels.linear_attn.function as function  # noqa: E402
@@ -41,6 +42,7 @@ def test_linear_attention_matches_reference(case, poison, monkeypatch):
     causal, B, H, T, S, d, dv, dt, use_mask, programs = case
     monkeypatch.setitem(chunk.CONFIG, "programs", programs)
     monkeypatch.setitem(chunk.CONFIG, "run_min_chunks", 0 if programs else 10 ** 9)  # runs only when asked
+    monkeypatch.setitem(chunk.CONFIG, "one_chunk_runs", 0)  # as many as "programs" asks (tested below)
     g = torch.Generator().manual_seed(T * 31 + d)
     q, k = torch.randn(B, H, T, d, generator=g), torch.randn(B, H, S, d, generator=g)
     v, dy = torch.randn(B, H, S, dv, generator=g), torch.randn(B, H, T, dv, generator=g)
@@ -58,6 +60,19 @@ def test_linear_attention_matches_reference(case, poison, monkeypatch):
         if name in names:
             assert torch.isfinite(a).all(), name
             assert rel(a, b) < TOL[dt], (name, rel(a, b))
+
+
+def test_run_split_rules():
+    """How a causal sequence is cut (chunk._splits, B, H, dv-tiles, rows): short ones with enough programs are not;
+    split ones of up to one_chunk_runs chunks get one run per chunk; longer ones about `programs` programs."""
+    cfg = chunk.CONFIG
+    assert chunk._splits(8, 16, 1, 31 * 64, True, 64) == 1  # fewer than run_min_chunks, 128 programs: serial
+    assert chunk._splits(8, 16, 1, 64 * 64, True, 64) == 64  # split: one run per chunk
+    assert chunk._splits(4, 8, 1, 4096, True, 64) == 64  # too few programs (fill): split, one run per chunk
+    assert chunk._splits(8, 16, 1, 256 * 64, True, 64) == triton.cdiv(cfg["programs"], 128)  # long: ~programs
+    assert chunk._splits(8, 16, 1, 256 * 64, False, 64) == triton.cdiv(4 * 132, 128)  # bidirectional: partial sums
+    assert not chunk._carry(True, 64, 64 * 64, 64) and chunk._carry(True, 17, 256 * 64, 64)
+    assert chunk._carry(False, 64, 64 * 64, 64)
 
 
 @pytest.mark.parametrize("ns", [1, 2, 17, 64, 130])
@@ -86,6 +101,7 @@ def test_unmapped_features_and_split_heads_layout(poison):
     y64 = linear_attention_ref(*x64, causal=True, feature_map=None)
     assert rel(y, y64) < 1e-5
     assert y.transpose(1, 2).is_contiguous()  # merge_heads is a view
+    assert all(gr.stride() == t.stride() for gr, t in zip(grads, x))  # the grads too: no copy for the projections
     for a, b in zip(grads, torch.autograd.grad(y64, x64, dy.double())):
         assert rel(a, b) < 1e-5
 
@@ -160,7 +176,7 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(function.linear_attn_fwd, (q, k, v, None, False, 1e-6, True))
     old = dict(chunk.CONFIG)
     try:
-        chunk.CONFIG.update(BT=64, programs=4, run_min_chunks=0)
+        chunk.CONFIG.update(BT=64, programs=4, run_min_chunks=0, one_chunk_runs=0)
         q2, k2, v2 = (torch.randn(1, 2, 130, 8, generator=g, requires_grad=True) for _ in range(3))
         assert chunk.fwd_runs(q2, k2, v2, True) == 2
         torch.library.opcheck(function.linear_attn_fwd, (q2, k2, v2, None, True, 1e-6, True),

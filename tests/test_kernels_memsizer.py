@@ -37,6 +37,7 @@ def test_memsizer_matches_reference(case, poison, monkeypatch):
     causal, B, T, S, k, d, dt, use_mask, programs = case
     monkeypatch.setitem(chunk.CONFIG, "programs", programs)
     monkeypatch.setitem(chunk.CONFIG, "run_min_chunks", 0 if programs else 10 ** 9)  # runs only when asked
+    monkeypatch.setitem(chunk.CONFIG, "one_chunk_runs", 0)  # as many as "programs" asks (tested below)
     g = torch.Generator().manual_seed(T * 17 + k)
     xs = inputs(B, T, S, k, d, dt, g)
     mask = None

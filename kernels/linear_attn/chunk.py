@@ -41,8 +41,11 @@ from ..fit import NoFit, fit_chunk, is_oor, smem_limit
 # "fill": a shorter causal sequence is split too when fewer (batch, head, dv-tile) programs than this would run, about
 # one per SM: the model benchmark's T=4096 (32 heads in all, 64 chunks each) ran at 0.77x softmax under CUDA graphs
 # with one serial program per head, where T=8192 (split) ran at 1.29x (bench/RESULTS.md, session 4).
+# "one_chunk_runs": a split sequence of at most this many chunks gets one run per chunk: the kernels then carry no
+# state (CARRY) and run fully parallel (linear attention 1.15 -> 1.08 ms, MemSizer 0.55 -> 0.46 ms fwd+bwd at
+# B=8, H=16, T=4096; at 128 chunks and more the run-state traffic costs more than it saves; session 5 in NOTES.md).
 CONFIG = {"BT": 64, "BV": 64, "state": 4096, "fwd_warps": 4, "bwd_warps": 8, "stages": 2,
-          "programs": 2112, "run_min_chunks": 128, "run_bwd_warps": 4, "fill": 128}
+          "programs": 2112, "run_min_chunks": 32, "run_bwd_warps": 4, "fill": 128, "one_chunk_runs": 64}
 GROUPS = {"fwd": ("state", "fwd"), "bwd": ("bwd_q", "bwd_kv")}  # kernels launched together share one dv-tile
 
 
@@ -483,6 +486,8 @@ def _splits(B, H, NV, n_rows, causal, BT):
     chunks = triton.cdiv(n_rows, BT)
     if causal and chunks < CONFIG["run_min_chunks"] and B * H * NV >= CONFIG["fill"]:
         return 1
+    if causal and chunks <= CONFIG["one_chunk_runs"]:
+        return chunks
     target = CONFIG["programs"] if causal else 4 * 132
     return max(1, min(chunks, triton.cdiv(target, B * H * NV)))
 

@@ -47,8 +47,17 @@ def _linear_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
                     r: torch.Tensor, S0: torch.Tensor, z0: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                     elu1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = chunk_bwd(q, k, v, o, do, r, _none(S0), _none(z0), causal=causal, elu1=elu1, norm=True, mask=mask)
-    # one layout whatever the dv-tiling chose, so the fake implementation can promise it
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return _layout_of(q, dq), _layout_of(k, dk), _layout_of(v, dv)
+
+
+def _layout_of(x, g):
+    """g in the layout torch.empty_like(x) has, which the fake implementation promises. The kernels write straight
+    into that layout (for split_heads' (B, T, H, d) views too, so their projections' backward needs no copy); only
+    summed dv-tile partials or a stride fix-up are copied here. (.contiguous() cost the model two copies per grad.)"""
+    if g.stride() == x.stride():
+        return g
+    out = torch.empty_like(x)
+    return g if g.stride() == out.stride() else out.copy_(g)
 
 
 linear_attn_bwd = torch.library.custom_op("attnlab::linear_attn_bwd", _linear_attn_bwd, mutates_args=())
@@ -56,8 +65,7 @@ linear_attn_bwd = torch.library.custom_op("attnlab::linear_attn_bwd", _linear_at
 
 @linear_attn_bwd.register_fake
 def _(q, k, v, o, do, r, S0, z0, mask, causal, elu1):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
