@@ -57,7 +57,8 @@ def main():
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--T", nargs="+", type=int, default=[1024, 8192])
     ap.add_argument("--compile", action="store_true", help="profile under torch.compile as well")
-    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (reduce-overhead: CUDA graphs)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode for --compile (reduce-overhead: CUDA graphs)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=3)
     args = ap.parse_args()

@@ -3,7 +3,7 @@ then write their tables and the issue's targets, each met or missed with its num
 ``<!-- refresh:begin -->`` / ``<!-- refresh:end -->`` of RESULTS.md (the hand-written analysis around them stays).
 
     python3 bench/refresh.py --out DIR              # run both on this GPU (~15 min on an H200), then write
-    python3 bench/refresh.py --from DIR [DIR ...]   # only write, from DIR/op/results.json and DIR/model_*.json
+    python3 bench/refresh.py --from DIR [DIR ...]   # only write, from DIR/op{,_graph}/results.json, DIR/model_*.json
 
 Training targets are read in the fastest mode measured for both variants (CUDA graphs, ``+reduce-overhead``, when
 that run exists; eager otherwise) and say which. Where several model JSONs hold the same point, the later run wins.

@@ -590,7 +590,8 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
                                      **common, **opts)
     R0 = W0 = q
     if acc_r:
-        R0, W0 = (exclusive_scan(Rp, True), exclusive_scan(Wp, True)) if causal else (Rp.sum(0, keepdim=True), Wp.sum(0, keepdim=True))
+        R0, W0 = ((exclusive_scan(Rp, True), exclusive_scan(Wp, True)) if causal
+                  else (Rp.sum(0, keepdim=True), Wp.sum(0, keepdim=True)))
     ns_k = ns_q if causal else _splits(B, H, NV, S, False, common["BT"])
     _bwd_kv_kernel[(NV, B * H, ns_k)](q, k, v, do, dk, dv, R0, W0, rr, dd, m, S, T, H, *q.stride()[:3],
                                       *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gk, *dv.stride()[:3], smb,
