@@ -208,14 +208,15 @@ def measure(make, B, H, T, mode, timer, a):
     return ms, mem, n
 
 
-def graphed(call):
+def graphed(call, warm=1):
     """``call`` captured once in a CUDA graph; returns its replay. Times the GPU work alone, as a model trained
     with ``model.compile=reduce-overhead`` runs it: the host's launch overhead (Python, Triton's launcher, autograd)
     is gone. Input grads were set to None before the capture, so each replay writes them, never accumulates."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture requires
-        call()
+        for _ in range(warm):
+            call()
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -319,18 +320,9 @@ def decode_bench(a, timer, log):
             row["eager_us"] = eager_us(step, a.decode_iters)
             if dev.type == "cuda":
                 try:
-                    s = torch.cuda.Stream()
-                    s.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(s):
-                        for _ in range(3):
-                            step()
-                    torch.cuda.current_stream().wait_stream(s)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
-                        step()
-                    g.replay()
-                    row["graph_us"] = timer.median(g.replay, timer.once(g.replay), 50, 20, a.decode_iters)[0] * 1e3
-                    del g
+                    replay = graphed(step, warm=3)
+                    row["graph_us"] = timer.median(replay, timer.once(replay), 50, 20, a.decode_iters)[0] * 1e3
+                    del replay
                 except Exception as e:  # noqa: BLE001  (a step that cannot be captured keeps its eager time)
                     row["graph_error"] = error_string(e)
         except Exception as e:  # noqa: BLE001

@@ -18,6 +18,8 @@ import os
 import torch
 import triton
 
+from bench_attention import graphed  # bench/ is on sys.path when run as `python bench/kernel_times.py`
+
 
 def make(op, B, H, T):
     """(inputs with requires_grad, fn) for one op at one shape."""
@@ -54,19 +56,11 @@ def point(op, B, H, T, reps):
         for x in xs:
             x.grad = None
         fn(*xs).backward(dy)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        call()
-    ms = triton.testing.do_bench(g.replay, warmup=25, rep=200)
+    replay = graphed(call, warm=2)
+    ms = triton.testing.do_bench(replay, warmup=25, rep=200)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            g.replay()
+            replay()
         torch.cuda.synchronize()
     per = collections.Counter()
     for e in prof.events():
