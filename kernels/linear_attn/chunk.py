@@ -509,6 +509,12 @@ def exclusive_scan(x, reverse=False):
     return y
 
 
+def _starts(x, causal, reverse=False):
+    """Each run's starting state from the runs' own sums x (runs, ...): causal, the sum of the earlier runs (reverse:
+    of the later ones); bidirectional, one shared total."""
+    return exclusive_scan(x, reverse) if causal else x.sum(0, keepdim=True)
+
+
 @_retry
 def chunk_fwd(q, k, v, *, causal, elu1, norm, eps=1e-6, scale=None, mask=None):
     """Returns (o, r, S0, z0): o (B, H, T, dv) in q's dtype; r (B*H, T) float32 = 1/(den+eps) when norm (else the
@@ -534,8 +540,7 @@ def _fwd(q, k, v, causal, elu1, norm, eps, scale, B, H, T, S, DK, DV, NV, m, smb
         zp = torch.empty(nk, B * H, DK, device=dev, dtype=f32)
         _state_kernel[(NV, B * H, nk)](k, v, m, Sp, zp, S, H, *k.stride()[:3], *v.stride()[:3], smb,
                                        ELU1=elu1, **common, **opts)
-        S0, z0 = ((exclusive_scan(Sp), exclusive_scan(zp)) if causal
-                  else (Sp.sum(0, keepdim=True), zp.sum(0, keepdim=True)))
+        S0, z0 = _starts(Sp, causal), _starts(zp, causal)
     run = S0 is not None and S0.shape[0] > 1  # per-run start states; else one shared (or none)
     _fwd_kernel[(NV, B * H, ns)](q, k, v, o, q if S0 is None else S0, q if z0 is None else z0,
                                  q if r is None else r, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -590,8 +595,7 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
                                      **common, **opts)
     R0 = W0 = q
     if acc_r:
-        R0, W0 = ((exclusive_scan(Rp, True), exclusive_scan(Wp, True)) if causal
-                  else (Rp.sum(0, keepdim=True), Wp.sum(0, keepdim=True)))
+        R0, W0 = _starts(Rp, causal, reverse=True), _starts(Wp, causal, reverse=True)
     ns_k = ns_q if causal else _splits(B, H, NV, S, False, common["BT"])
     _bwd_kv_kernel[(NV, B * H, ns_k)](q, k, v, do, dk, dv, R0, W0, rr, dd, m, S, T, H, *q.stride()[:3],
                                       *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gk, *dv.stride()[:3], smb,
