@@ -16,8 +16,9 @@
    (3072 x time per token); two windows check it is flat. Softmax with its KV cache costs more per token as the
    context grows: the cache is brought to contexts 0, 1024, 2048, 3056 with the model's prefill() (when it has
    one) and a window timed at each; the time for a whole image is the trapezoid over those points. ``+graph``:
-   the same model through ``attnlab.decoding.CUDAGraphs`` (the step replayed from a CUDA graph), and whole images
-   drawn with ``sample()`` timed end to end (``sample_img_s``). Time to first token (batch <= 16): a 3000-token
+   the same model through ``attnlab.decoding.CUDAGraphs(net, fuse=False)`` (the model's step replayed from a CUDA
+   graph); ``+fused``: through ``CUDAGraphs(net)``, which replays the fused step (``attnlab.decoding.Fused``: a few
+   fused kernels per layer); for both, whole images drawn with ``sample()`` timed end to end (``sample_img_s``). Time to first token (batch <= 16): a 3000-token
    prompt through prefill() plus one step.
 Writes model_<label>.json and prints tables; `python3 bench/bench_model.py --report a.json b.json` prints the
 tables and draws model_train.png / model_generate.png beside the first file."""
@@ -145,9 +146,10 @@ def first_token_ms(model, B, prompt_len, reps=2):
 def generate_point(variant, B, window, prompt_len=3000):
     from attnlab.decoding import CUDAGraphs, sample
     torch.manual_seed(0)
-    base, graphed = variant.removesuffix("+graph"), variant.endswith("+graph")
+    base, _, mode = variant.partition("+")  # "" (eager), "graph" (the model's step replayed) or "fused"
+    graphed = mode in ("graph", "fused")
     net = decoder(VARIANTS[base], 3072 + 64, 256, 16, 8, 1024).eval()
-    model = CUDAGraphs(net) if graphed else net
+    model = CUDAGraphs(net, fuse=mode == "fused") if graphed else net
     L = 3072
     ttft = dict(ttft_ms=first_token_ms(model, B, prompt_len), prompt=prompt_len) if B <= 16 else {}
     if base in ("linear", "memsizer"):
@@ -254,7 +256,8 @@ def main():
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--T", nargs="+", type=int, default=[1024, 4096, 8192, 16384])
     ap.add_argument("--gen-variants", nargs="*",
-                    default=["linear", "linear+graph", "memsizer", "memsizer+graph", "softmax"])
+                    default=["linear", "linear+graph", "linear+fused", "memsizer", "memsizer+graph", "memsizer+fused",
+                             "softmax"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 256])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warm", type=int, default=3)

@@ -33,7 +33,8 @@ def run_benchmarks(out: str) -> None:
                        + (["--no-decode"] if timing == "graph" else []), check=True)
     subprocess.run([py, os.path.join(HERE, "bench_model.py"), "--out", out, "--label", "refresh", "--T",
                     *map(str, T_ALL), "--compile", "--compile-mode", "reduce-overhead", "--gen-variants",
-                    "linear+graph", "memsizer+graph", "softmax", "--batches", "1", "16", "256"], check=True)
+                    "linear+fused", "memsizer+fused", "linear+graph", "memsizer+graph", "softmax",
+                    "--batches", "1", "16", "256"], check=True)
 
 
 def load(dirs: list[str]) -> tuple[dict, list[dict]]:
@@ -102,7 +103,7 @@ def train_targets(train: dict) -> list[tuple[str, str, str]]:
 def generate_targets(gen: dict) -> list[tuple[str, str, str]]:
     rows = []
     for v in ("linear", "memsizer"):
-        name = v + "+graph" if any(k[0] == v + "+graph" for k in gen) else v
+        name = next((v + m for m in ("+fused", "+graph") if any(k[0] == v + m for k in gen)), v)
         at16 = gen.get((name, 16))
         best = max((p for (n, _), p in gen.items() if n == name), key=lambda p: p["img_s"], default=None)
         rows.append((f"{name}: >= 20 images/s at batch 16", "-" if at16 is None else f"{at16['img_s']:.2f}",

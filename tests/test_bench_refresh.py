@@ -54,6 +54,9 @@ def test_targets_use_cuda_graph_runs_and_later_runs_win(tmp_path):
     gen = {t: (n, v) for t, n, v in refresh.generate_targets(refresh.merged(runs, "generate", "B"))}
     assert gen["linear+graph: >= 20 images/s at batch 16"] == ("25.00", "**met**")
     assert gen["linear+graph: >= 200 images/s at the best batch"] == ("300.0 (batch 4096)", "**met**")
+    fused = model_run("2026-01-03", [], gen=[("memsizer+graph", 16, 30.0), ("memsizer+fused", 16, 19.0)])
+    gen = {t: (n, v) for t, n, v in refresh.generate_targets(refresh.merged(runs + [fused], "generate", "B"))}
+    assert gen["memsizer+fused: >= 20 images/s at batch 16"] == ("19.00", "**missed**")  # the fused step, if run
     ops = {t: (n, v) for t, n, v in refresh.op_targets(ops["eager"])}
     assert ops["linear fwd+bwd <= default-backend SDPA at T >= 2048 (eager)"] == ("0.50x (2048), 0.25x (4096)",
                                                                                    "**met**")

@@ -37,7 +37,7 @@ def test_on_the_cpu_steps_run_eagerly_and_agree():
 def test_graph_replay_equals_eager_decoding(variant):
     net = decoder(variant, "cuda")
     prefix = torch.randint(0, 37, (5, 7), device="cuda")
-    graphs = CUDAGraphs(net)
+    graphs = CUDAGraphs(net, fuse=False)  # (the fused step: tests/test_fused_decode.py, and below)
     # the same kernels in the same order: equal up to the nondeterminism of atomics, which these ops do not use
     assert torch.equal(greedy(graphs, prefix, 40), greedy(net, prefix, 40))
     g1, g2 = (torch.Generator(device="cuda").manual_seed(3) for _ in range(2))
@@ -52,6 +52,26 @@ def test_graph_replay_equals_eager_decoding(variant):
         a = greedy(graphs, prefix, 40)
         b = greedy(net, prefix, 40)
     assert torch.equal(a, b) and graphs.captures == (0 if variant == "softmax" else 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("variant", ["linear", "memsizer"])
+def test_the_fused_step_replayed_equals_eager_decoding(variant):
+    """Other kernels (fused.py), so equal up to the order of sums: logits along the same tokens, and greedy tokens
+    in float32."""
+    from attnlab.decoding import Fused
+    net = decoder(variant, "cuda")
+    prefix = torch.randint(0, 37, (5, 7), device="cuda")
+    graphs = CUDAGraphs(net)
+    assert isinstance(graphs.model, Fused)
+    assert torch.equal(greedy(graphs, prefix, 40), greedy(net, prefix, 40))
+    toks = torch.randint(0, 37, (5, 30), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        s1, s2 = net.init_state(5), graphs.init_state(5)
+        for t in range(toks.shape[1]):
+            a, b = net.step(toks[:, t], s1), graphs.step(toks[:, t], s2)
+            assert ((a.float() - b.float()).norm() / a.float().norm()).item() < 1e-2
+    assert graphs.captures == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -9,6 +9,8 @@ head-averaged slot distribution, a (B, S, k) the value-side "keys" and v (B, S, 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
 from ..linear_attn.reference import causal_dot_chunked
 
 
@@ -85,3 +87,16 @@ def memsizer_step_ref(p, a, v, S, count, write=None):
     S = S + a[:, :, None] * v[:, None, :]
     y = torch.einsum("bk,bkd->bd", p, S) * inv_sqrt_count(count, S.dtype)[:, None]
     return y, S, count
+
+
+def memsizer_decode_ref(proj, n_heads: int, ln_l, ln_r, S, count, residual):
+    """The whole MemSizer decode step after its input projections, as the module's eager ops compute it under
+    autocast (softmax, means and norms in float32): ``proj`` (B, H*k + k + d) = [Phi x | W_l x | W_r x];
+    ``ln_l``, ``ln_r``: (weight, bias, eps). Returns (residual + y, S', count')."""
+    B, k, d = S.shape
+    f = lambda t: t.to(torch.promote_types(proj.dtype, torch.float32))  # noqa: E731 (float32 at least)
+    p = f(proj[:, :n_heads * k]).view(B, n_heads, k).softmax(-1).mean(1)
+    a = F.layer_norm(f(proj[:, n_heads * k:n_heads * k + k]), (k,), f(ln_l[0]), f(ln_l[1]), ln_l[2])
+    v = F.layer_norm(f(proj[:, n_heads * k + k:]), (d,), f(ln_r[0]), f(ln_r[1]), ln_r[2])
+    y, S, count = memsizer_step_ref(p, a, v, S, count)
+    return residual + y, S, count

@@ -1,5 +1,8 @@
 """Decode steps replayed from a CUDA graph: one launch per token instead of hundreds.
 
+``CUDAGraphs(model)`` first lowers the step to fused kernels where ``fused.Fused`` applies (pre-norm linear-attention
+and MemSizer decoders; ``fuse=False`` keeps the model's own step), then captures whichever step it runs.
+
 A decode step of a small model is host-bound: a 16-layer model issues a few hundred kernels per token, each costing
 more CPU time to launch than GPU time to run (bench/RESULTS.md: 9.3 ms per token eager, 1.1 ms replayed).
 ``CUDAGraphs(model)`` is a model for the search functions (``greedy(CUDAGraphs(net), prefix, n)``): ``init_state``,
@@ -73,7 +76,10 @@ class CUDAGraphs:
     """``model`` (init_state / step / prefill / reorder_state, e.g. ``TransformerDecoder``) with ``step`` replayed
     from a CUDA graph where the state's shapes allow it (module docstring)."""
 
-    def __init__(self, model, warmup: int = 2):
+    def __init__(self, model, warmup: int = 2, fuse: bool = True):
+        from .fused import Fused, unfusable
+        if fuse and unfusable(model) is None:  # the step as a few fused kernels per layer (fused.py)
+            model = Fused(model)
         self.model, self.warmup = model, warmup
         self.max_len = getattr(model, "max_len", None)
         self.graph, self.key = None, None
@@ -115,6 +121,9 @@ class CUDAGraphs:
     def _casts_current(self) -> bool:
         """Refresh the low-precision weight copies of any weight that changed; False when a module holds another
         parameter object than at capture (the graph must be captured again)."""
+        sync = getattr(self.model, "sync_weights", None)  # Fused's own copies
+        if sync is not None and not sync():
+            return False
         for i, (mod, name, p, low) in enumerate(self.casts):
             if mod._parameters[name] is not p:
                 return False

@@ -1,0 +1,159 @@
+"""A decoder's step lowered to a few fused kernels per layer: the model for decoding, when speed matters.
+
+At batch 16 a decode step of the CIFAR-10-shaped model (16 layers, d=256) is ~20 kernels per layer, each a few
+microseconds of launch and latency around well under a microsecond of work (bench/RESULTS.md: 320 kernels and
+~690 us per token even replayed from a CUDA graph). ``Fused(model)`` runs the same step as five launches per
+linear-attention layer and four per MemSizer layer:
+
+    ln_linear(LayerNorm_1, [W_q | W_k | W_v])          one matmul for the three projections, norm fused in front
+    the attention step on the projections               linear: state update + read-out; MemSizer: also its
+                                                        softmaxes, LayerNorms and the residual add
+    ln_linear(W_out) + residual                         (linear attention only; MemSizer has no output projection)
+    ln_linear(LayerNorm_2, W_1) + relu
+    ln_linear(W_2) + residual
+
+It computes what ``model.step`` computes, in the same dtypes (under autocast: norms, softmax and states in float32,
+matmuls in bf16 with their outputs rounded to bf16), up to the order of the sums; the attention states advance in
+place. The weights it reads are copies in the compute dtype, the three projections concatenated; a copy is
+refreshed when its parameter changes (``sync_weights``; ``CUDAGraphs`` calls it before every replay).
+
+It applies to pre-norm ``TransformerDecoder`` language models whose self-attention is linear attention (elu+1) or
+MemSizer and whose feed-forward is the plain relu one, in eval mode; anything else (``unfusable`` says what) is
+refused at construction, and a step with a padding mask, in training mode or on tensors without Triton runs the
+model's own step. Wrap it in ``CUDAGraphs`` (which does so by default) to replay it from a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnlab.kernels import use_triton
+from attnlab.kernels.linear_attn.recurrent import linear_attention_step_
+from attnlab.kernels.ln_linear import compute_dtype, ln_linear
+from attnlab.kernels.memsizer.decode import memsizer_decode_
+
+
+def unfusable(model) -> str | None:
+    """Why ``Fused(model)`` cannot run ``model``'s step, or None when it can."""
+    from attnlab.attention.linear import LinearAttention
+    from attnlab.attention.memsizer import MemSizerAttention
+    from attnlab.transformer import FeedForward, TransformerDecoder
+    if not isinstance(model, TransformerDecoder):
+        return f"{type(model).__name__} is not a TransformerDecoder"
+    if not isinstance(model.stack.norm, nn.LayerNorm) or not isinstance(model.head, nn.Linear):
+        return "the decoder is post-norm or has an adaptive softmax"
+    for i, layer in enumerate(model.stack.layers):
+        kind = type(layer.self_attn)
+        if layer.cross_attn is not None or kind not in (LinearAttention, MemSizerAttention):
+            return f"layer {i}: {kind.name!r} attention{' with cross-attention' if layer.cross_attn else ''}"
+        if type(layer.ffn) is not FeedForward:
+            return f"layer {i}: the feed-forward is {type(layer.ffn).__name__}"
+        norms = [*layer.norms] + ([layer.self_attn.ln_l, layer.self_attn.ln_r] if kind is MemSizerAttention else [])
+        if any(n.weight is None or n.bias is None for n in norms + [model.stack.norm]):
+            return f"layer {i}: a LayerNorm without weight or bias"
+    return None
+
+
+def _ln(norm: nn.LayerNorm) -> tuple:
+    return norm.weight, norm.bias, norm.eps
+
+
+class Fused(nn.Module):
+    """``model`` (a ``TransformerDecoder``) for the search functions, its ``step`` run by fused kernels (module
+    docstring). ``backend``: "auto" (CUDA tensors) or "triton" (also CPU tensors under TRITON_INTERPRET=1)."""
+
+    def __init__(self, model, backend: str = "auto"):
+        super().__init__()
+        why = unfusable(model)
+        if why is not None:
+            raise ValueError(f"Fused: {why}. Fix: decode with the model itself (CUDAGraphs(model) falls back to it "
+                             f"on its own)")
+        self.model, self.backend = model, backend
+        self.max_len = model.max_len
+        # what each layer's kernels read, as groups of nn.Linear whose weights (and biases) are concatenated
+        self.spec = []
+        for layer in model.stack.layers:
+            a = layer.self_attn
+            inputs = (a.phi, a.w_l, a.w_r) if hasattr(a, "w_l") else (a.q_proj, a.k_proj, a.v_proj)
+            out = () if hasattr(a, "w_l") else (("out", (a.out_proj,)),)
+            self.spec.append((("in", inputs), *out, ("fc1", (layer.ffn.fc1,)), ("fc2", (layer.ffn.fc2,))))
+        self.spec.append((("head", (model.head,)),))
+        self.key, self.versions, self.weights = None, None, None
+
+    # the model's own interface, unchanged
+    def init_state(self, batch_size, memory=None, memory_padding_mask=None) -> dict:
+        return self.model.init_state(batch_size, memory, memory_padding_mask)
+
+    def prefill(self, tokens, state, key_padding_mask=None):
+        return self.model.prefill(tokens, state, key_padding_mask)
+
+    def reorder_state(self, state, index) -> dict:
+        return self.model.reorder_state(state, index)
+
+    def reserve_state(self, state, length):
+        return self.model.reserve_state(state, length)
+
+    # -- the weight copies ------------------------------------------------------------------------------------
+    def _params(self) -> list:
+        return [p for groups in self.spec for _, mods in groups for m in mods for p in (m.weight, m.bias)
+                if p is not None]
+
+    def _packed(self, dtype) -> list:
+        def cat(ts):
+            return None if any(t is None for t in ts) else torch.cat([t.detach() for t in ts]).to(dtype)
+        return [{name: (cat([m.weight for m in mods]), cat([m.bias for m in mods])) for name, mods in groups}
+                for groups in self.spec]
+
+    def sync_weights(self, dtype=None) -> bool:
+        """Bring the weight copies up to date (in place when only values changed). False when they had to be made
+        anew (first use, another dtype, a parameter object replaced): a captured graph reading them is stale."""
+        dtype = dtype or (self.key[0] if self.key else None)
+        if dtype is None:
+            return False
+        params = self._params()
+        key = (dtype, tuple(id(p) for p in params))
+        versions = [p._version for p in params]
+        if key != self.key:
+            self.weights, self.key, self.versions = self._packed(dtype), key, versions
+            return False
+        if versions != self.versions:
+            with torch.no_grad():
+                for old, new in zip(self.weights, self._packed(dtype)):
+                    for name in old:
+                        for o, n in zip(old[name], new[name]):
+                            if o is not None:
+                                o.copy_(n)
+            self.versions = versions
+        return True
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def _runs(self, tokens, state, pad) -> bool:
+        if pad is not None or self.model.training or not use_triton(self.backend, tokens):
+            return False
+        return all(t.dtype == torch.float32 and t.stride(-1) == 1 and t.is_contiguous()
+                   for states in state["layers"] for t in states[0].values() if torch.is_tensor(t))
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: dict, pad=None) -> torch.Tensor:
+        m = self.model
+        if not self._runs(tokens, state, pad):
+            return m.step(tokens, state, pad)
+        x = m.embed(tokens.view(-1, 1), start=state["pos"])[:, 0]  # (B, D): the residual stream
+        cdt = compute_dtype(x, m.head.weight)
+        self.sync_weights(cdt)
+        kw = dict(backend=self.backend)
+        for layer, states, w in zip(m.stack.layers, state["layers"], self.weights):
+            a, st = layer.self_attn, states[0]
+            proj = ln_linear(x, *w["in"], ln=_ln(layer.norms[0]), **kw)
+            if "out" in w:  # linear attention: the step on views of the three projections
+                B, H, dh = x.shape[0], a.n_heads, a.head_dim
+                q, k, v = proj.view(B, 3, H, dh).unbind(1)
+                y = torch.empty(B, H, dh, device=x.device, dtype=cdt)
+                linear_attention_step_(q, k, v, st["S"], st["z"], y, eps=a.eps)
+                x = ln_linear(y.view(B, -1), *w["out"], residual=x, **kw)
+            else:
+                x = memsizer_decode_(proj, a.n_heads, _ln(a.ln_l), _ln(a.ln_r), st["S"], st["count"], x)
+            h = ln_linear(x, *w["fc1"], ln=_ln(layer.norms[-1]), act="relu", **kw)
+            x = ln_linear(h, *w["fc2"], residual=x, **kw)
+        state["pos"] += 1
+        return ln_linear(x, *self.weights[-1]["head"], ln=_ln(m.stack.norm), **kw)
