@@ -17,46 +17,73 @@ import triton
 import triton.language as tl
 
 # Tiles: BN output columns per program, BN_SMALL when the call has few rows and columns (a decode step at batch 16:
-# more programs, each reading less of the weight); BK of K per step; at most BM_MAX rows per program.
-CONFIG = {"BN": 64, "BN_SMALL": 32, "small": 4096, "BK": 128, "BM_MAX": 64, "warps": 4}
+# more programs, each reading less of the weight); BK of K per step (K <= BK: one tile, loaded once, its row
+# statistics taken from the registers: one round trip to memory instead of three; BM x BK <= 8192 keeps the float32
+# x tile in registers); at most BM_MAX rows per program.
+CONFIG = {"BN": 64, "BN_SMALL": 32, "small": 4096, "BK": 256, "BM_MAX": 64, "warps": 4}
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _dot(x, w, CDT: tl.constexpr, UPCAST: tl.constexpr):
+    """x @ w with both rounded to CDT, float32 accumulator."""
+    if CDT == tl.float32 or UPCAST:
+        y = tl.dot(x.to(CDT).to(tl.float32), w.to(CDT).to(tl.float32), input_precision="ieee")
+    else:
+        y = tl.dot(x.to(CDT), w.to(CDT))
+    return y
+
+
+@triton.jit
+def _normed(x, rk, mk, mean, rstd, LW, LB):
+    lw = tl.load(LW + rk, mask=mk, other=0.0).to(tl.float32)
+    lb = tl.load(LB + rk, mask=mk, other=0.0).to(tl.float32)
+    return (x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
 
 
 @triton.jit
 def _ln_linear_kernel(X, W, Bias, LW, LB, R, Y, M, N, K, eps, sxm, swn, srm, sym,
                       HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
-                      CDT: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      CDT: tl.constexpr, UPCAST: tl.constexpr, ONE_TILE: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     mm, mn = rm < M, rn < N
     X += rm.to(tl.int64)[:, None] * sxm
-    if HAS_LN:
-        s = tl.zeros([BM], tl.float32)
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            s += tl.sum(tl.load(X + rk[None, :], mask=mm[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32), 1)
-        mean = s / K
-        s = tl.zeros([BM], tl.float32)
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            m2 = mm[:, None] & (rk < K)[None, :]
-            d = tl.where(m2, tl.load(X + rk[None, :], mask=m2, other=0.0).to(tl.float32) - mean[:, None], 0.0)
-            s += tl.sum(d * d, 1)
-        rstd = 1.0 / tl.sqrt(s / K + eps)
-    acc = tl.zeros([BM, BN], tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
+    W += rn[None, :].to(tl.int64) * swn
+    if ONE_TILE:
+        rk = tl.arange(0, BK)
         mk = rk < K
-        x = tl.load(X + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+        m2 = mm[:, None] & mk[None, :]
+        x = tl.load(X + rk[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_LN:
-            lw = tl.load(LW + rk, mask=mk, other=0.0).to(tl.float32)
-            lb = tl.load(LB + rk, mask=mk, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
-        w = tl.load(W + rn[None, :].to(tl.int64) * swn + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
-        if CDT == tl.float32 or UPCAST:
-            acc += tl.dot(x.to(CDT).to(tl.float32), w.to(CDT).to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(x.to(CDT), w.to(CDT))
+            mean = tl.sum(x, 1) / K
+            d = tl.where(m2, x - mean[:, None], 0.0)
+            x = _normed(x, rk, mk, mean, 1.0 / tl.sqrt(tl.sum(d * d, 1) / K + eps), LW, LB)
+        acc = _dot(x, tl.load(W + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0), CDT, UPCAST)
+    else:
+        if HAS_LN:  # row mean and variance first: two passes over K
+            s = tl.zeros([BM], tl.float32)
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                s += tl.sum(tl.load(X + rk[None, :], mask=mm[:, None] & (rk < K)[None, :], other=0.0)
+                            .to(tl.float32), 1)
+            mean = s / K
+            s = tl.zeros([BM], tl.float32)
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                m2 = mm[:, None] & (rk < K)[None, :]
+                d = tl.where(m2, tl.load(X + rk[None, :], mask=m2, other=0.0).to(tl.float32) - mean[:, None], 0.0)
+                s += tl.sum(d * d, 1)
+            rstd = 1.0 / tl.sqrt(s / K + eps)
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            mk = rk < K
+            x = tl.load(X + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            if HAS_LN:
+                x = _normed(x, rk, mk, mean, rstd, LW, LB)
+            acc += _dot(x, tl.load(W + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0), CDT, UPCAST)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=mn, other=0.0).to(CDT).to(tl.float32)[None, :]
     y = acc.to(CDT).to(tl.float32)  # rounded as F.linear's output; relu and the sum on its exact float32 value
@@ -76,7 +103,7 @@ def launch(x, weight, bias, ln, relu, residual, out, cdt):
     cfg = CONFIG
     BM = min(cfg["BM_MAX"], max(16, triton.next_power_of_2(M)))
     BN = cfg["BN_SMALL"] if N * triton.cdiv(M, BM) <= cfg["small"] else cfg["BN"]
-    BK = min(cfg["BK"], max(16, triton.next_power_of_2(K)))
+    BK = min(cfg["BK"], 8192 // BM, max(16, triton.next_power_of_2(K)))  # an x tile of <= 8192 floats
     lw, lb, eps = ln if ln is not None else (x, x, 0.0)
     res = residual if residual is not None else out
     grid = (triton.cdiv(N, BN), triton.cdiv(M, BM))
@@ -84,5 +111,5 @@ def launch(x, weight, bias, ln, relu, residual, out, cdt):
                             x.stride(0), weight.stride(0), res.stride(0), out.stride(0),
                             HAS_LN=ln is not None, HAS_BIAS=bias is not None, RELU=relu,
                             HAS_RES=residual is not None, CDT=_TL[cdt],
-                            UPCAST=not x.is_cuda, BM=BM, BN=BN, BK=BK, num_warps=cfg["warps"])
+                            UPCAST=not x.is_cuda, ONE_TILE=K <= BK, BM=BM, BN=BN, BK=BK, num_warps=cfg["warps"])
     return out

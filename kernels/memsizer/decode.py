@@ -27,8 +27,21 @@ def _ln_stats(X, N, eps, BN: tl.constexpr):
 
 
 @triton.jit
+def _write_read(S, X, OUT, LRW, LRB, r, cv, mv, mean, rstd, a, p, ck, mk, ssk, scale):
+    """For the columns cv: v = LayerNorm(r), S += a v^T (stored), out = x + p^T S * scale (stored)."""
+    v = (r - mean) * rstd * tl.load(LRW + cv, mask=mv, other=0.0).to(tl.float32) \
+        + tl.load(LRB + cv, mask=mv, other=0.0).to(tl.float32)
+    ms = mk[:, None] & mv[None, :]
+    st = tl.load(S + ck[:, None] * ssk + cv[None, :], mask=ms, other=0.0) + a[:, None] * v[None, :]
+    tl.store(S + ck[:, None] * ssk + cv[None, :], st, mask=ms)
+    y = tl.sum(p[:, None] * st, 0) * scale
+    x = tl.load(X + cv, mask=mv, other=0.0).to(tl.float32)
+    tl.store(OUT + cv, (x + y).to(OUT.dtype.element_ty), mask=mv)
+
+
+@triton.jit
 def _decode_kernel(P, LLW, LLB, LRW, LRB, S, C, X, OUT, H, KS, D, eps_l, eps_r, spb, ssb, ssk, sxb, sob,
-                   BH: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr):
+                   BH: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr, ONE_TILE: tl.constexpr):
     b = tl.program_id(0)
     P += b.to(tl.int64) * spb
     ch, ck = tl.arange(0, BH), tl.arange(0, BKS)
@@ -43,22 +56,27 @@ def _decode_kernel(P, LLW, LLB, LRW, LRB, S, C, X, OUT, H, KS, D, eps_l, eps_r, 
     a = (tl.load(L + ck, mask=mk, other=0.0).to(tl.float32) - mean) * rstd
     a = tl.where(mk, a * tl.load(LLW + ck, mask=mk, other=0.0).to(tl.float32)
                  + tl.load(LLB + ck, mask=mk, other=0.0).to(tl.float32), 0.0)
-    mean, rstd = _ln_stats(R, D, eps_r, BV)
     c = tl.load(C + b) + 1.0
     tl.store(C + b, c)
     scale = 1.0 / tl.sqrt(tl.maximum(c, 1.0))
     S += b.to(tl.int64) * ssb
-    for v0 in range(0, D, BV):
-        cv = v0 + tl.arange(0, BV)
+    X += b * sxb
+    OUT += b * sob
+    if ONE_TILE:  # d <= BV: the values loaded once, their statistics from the registers
+        cv = tl.arange(0, BV)
         mv = cv < D
-        v = (tl.load(R + cv, mask=mv, other=0.0).to(tl.float32) - mean) * rstd
-        v = v * tl.load(LRW + cv, mask=mv, other=0.0).to(tl.float32) + tl.load(LRB + cv, mask=mv, other=0.0).to(tl.float32)
-        ms = mk[:, None] & mv[None, :]
-        st = tl.load(S + ck[:, None] * ssk + cv[None, :], mask=ms, other=0.0) + a[:, None] * v[None, :]
-        tl.store(S + ck[:, None] * ssk + cv[None, :], st, mask=ms)
-        y = tl.sum(p[:, None] * st, 0) * scale
-        x = tl.load(X + b * sxb + cv, mask=mv, other=0.0).to(tl.float32)
-        tl.store(OUT + b * sob + cv, (x + y).to(OUT.dtype.element_ty), mask=mv)
+        r = tl.load(R + cv, mask=mv, other=0.0).to(tl.float32)
+        mean = tl.sum(r, 0) / D
+        d = tl.where(mv, r - mean, 0.0)
+        _write_read(S, X, OUT, LRW, LRB, r, cv, mv, mean, 1.0 / tl.sqrt(tl.sum(d * d, 0) / D + eps_r), a, p,
+                    ck, mk, ssk, scale)
+    else:
+        mean, rstd = _ln_stats(R, D, eps_r, BV)
+        for v0 in range(0, D, BV):
+            cv = v0 + tl.arange(0, BV)
+            mv = cv < D
+            r = tl.load(R + cv, mask=mv, other=0.0).to(tl.float32)
+            _write_read(S, X, OUT, LRW, LRB, r, cv, mv, mean, rstd, a, p, ck, mk, ssk, scale)
 
 
 def memsizer_decode_(proj, n_heads: int, ln_l, ln_r, S, count, residual, out=None):
@@ -74,8 +92,9 @@ def memsizer_decode_(proj, n_heads: int, ln_l, ln_r, S, count, residual, out=Non
         raise ValueError("memsizer_decode_: proj and residual need a unit last stride")
     out = torch.empty_like(residual) if out is None else out
     BKS = max(16, triton.next_power_of_2(KS))
+    BV = max(16, min(triton.next_power_of_2(D), 8192 // BKS))  # an S tile of <= 8192 floats
     _decode_kernel[(B,)](proj, ln_l[0], ln_l[1], ln_r[0], ln_r[1], S, count, residual, out, n_heads, KS, D,
                          ln_l[2], ln_r[2], proj.stride(0), S.stride(0), S.stride(1), residual.stride(0),
-                         out.stride(0), BH=max(2, triton.next_power_of_2(n_heads)), BKS=BKS,
-                         BV=max(16, min(triton.next_power_of_2(D), 4096 // BKS)), num_warps=4)
+                         out.stride(0), BH=max(2, triton.next_power_of_2(n_heads)), BKS=BKS, BV=BV,
+                         ONE_TILE=D <= BV, num_warps=4 if BKS * BV <= 4096 else 8)
     return out
