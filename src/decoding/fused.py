@@ -2,15 +2,16 @@
 
 At batch 16 a decode step of the CIFAR-10-shaped model (16 layers, d=256) is ~20 kernels per layer, each a few
 microseconds of launch and latency around well under a microsecond of work (bench/RESULTS.md: 320 kernels and
-~690 us per token even replayed from a CUDA graph). ``Fused(model)`` runs the same step as five launches per
-linear-attention layer and four per MemSizer layer:
+~690 us per token even replayed from a CUDA graph). ``Fused(model)`` runs the same step as four launches per
+layer:
 
-    ln_linear(LayerNorm_1, [W_q | W_k | W_v])          one matmul for the three projections, norm fused in front
-    the attention step on the projections               linear: state update + read-out; MemSizer: also its
-                                                        softmaxes, LayerNorms and the residual add
-    ln_linear(W_out) + residual                         (linear attention only; MemSizer has no output projection)
-    ln_linear(LayerNorm_2, W_1) + relu
-    ln_linear(W_2) + residual
+    linear attention, heads of <= 32      linear_decode_: LayerNorm_1, q/k/v of one head, state update, read-out
+                                          ln_linear(W_out) + residual
+    (wider heads)                         ln_linear(LayerNorm_1, [W_q | W_k | W_v]), then the step kernel, W_out
+    MemSizer                              ln_linear(LayerNorm_1, [Phi | W_l | W_r]) (one matmul for the three)
+                                          memsizer_decode_: softmaxes, LayerNorms, memory update, read-out,
+                                          residual add (MemSizer has no output projection)
+    both                                  ln_linear(LayerNorm_2, W_1) + relu;  ln_linear(W_2) + residual
 
 It computes what ``model.step`` computes, in the same dtypes (under autocast: norms, softmax and states in float32,
 matmuls in bf16 with their outputs rounded to bf16), up to the order of the sums; the attention states advance in
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 
 from attnlab.kernels import use_triton
+from attnlab.kernels.embed import embed_step
+from attnlab.kernels.linear_attn.decode import linear_decode_, pack_heads
 from attnlab.kernels.linear_attn.recurrent import linear_attention_step_
 from attnlab.kernels.ln_linear import compute_dtype, ln_linear
 from attnlab.kernels.memsizer.decode import memsizer_decode_
@@ -76,9 +79,11 @@ class Fused(nn.Module):
         self.spec = []
         for layer in model.stack.layers:
             a = layer.self_attn
-            inputs = (a.phi, a.w_l, a.w_r) if hasattr(a, "w_l") else (a.q_proj, a.k_proj, a.v_proj)
-            out = () if hasattr(a, "w_l") else (("out", (a.out_proj,)),)
-            self.spec.append((("in", inputs), *out, ("fc1", (layer.ffn.fc1,)), ("fc2", (layer.ffn.fc2,))))
+            if hasattr(a, "w_l"):  # MemSizer
+                attn = (("in", (a.phi, a.w_l, a.w_r)),)
+            else:  # heads of <= 32: one kernel from LayerNorm to the read-out, its weights head by head
+                attn = (("in" if a.head_dim > 32 else "heads", (a.q_proj, a.k_proj, a.v_proj)), ("out", (a.out_proj,)))
+            self.spec.append((*attn, ("fc1", (layer.ffn.fc1,)), ("fc2", (layer.ffn.fc2,))))
         self.spec.append((("head", (model.head,)),))
         # where each copied parameter lives (checked for a replaced object at every step)
         self.slots = [(m._parameters, n) for groups in self.spec for _, mods in groups for m in mods
@@ -100,10 +105,15 @@ class Fused(nn.Module):
 
     # -- the weight copies ------------------------------------------------------------------------------------
     def _packed(self, dtype) -> list:
-        def cat(ts):
-            return None if any(t is None for t in ts) else torch.cat([t.detach() for t in ts]).to(dtype)
-        return [{name: (cat([m.weight for m in mods]), cat([m.bias for m in mods])) for name, mods in groups}
-                for groups in self.spec]
+        heads = iter(layer.self_attn.n_heads for layer in self.model.stack.layers)
+
+        def cat(name, ts, h):
+            if any(t is None for t in ts):
+                return None
+            ts = [t.detach() for t in ts]
+            return (pack_heads(*ts, h) if name == "heads" else torch.cat(ts)).to(dtype)
+        return [{name: (cat(name, [m.weight for m in mods], h), cat(name, [m.bias for m in mods], h))
+                 for name, mods in groups} for groups, h in zip(self.spec, [*heads, None])]
 
     def sync_weights(self, dtype=None) -> bool:
         """Bring the weight copies up to date (in place when only values changed). False when they had to be made
@@ -135,26 +145,37 @@ class Fused(nn.Module):
         return all(t.dtype == torch.float32 and t.stride(-1) == 1 and t.is_contiguous()
                    for states in state["layers"] for t in states[0].values() if torch.is_tensor(t))
 
+    def _embed(self, tokens, pos):
+        e = self.model.embed
+        if type(e.tok) is not nn.Embedding:  # adaptive input: the module's own lookup
+            return e(tokens[:, None], start=pos)[:, 0]
+        if isinstance(pos, int):
+            e.pos.check_length(pos + 1)
+        table = e.pos.emb.weight if e.pos.kind == "learned" else e.pos.pe
+        return embed_step(tokens, e.tok.weight, e.scale, table, pos, backend=self.backend)
+
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: dict, pad=None) -> torch.Tensor:
         m = self.model
         if not self._runs(tokens, state, pad):
             return m.step(tokens, state, pad)
-        x = m.embed(tokens.view(-1, 1), start=state["pos"])[:, 0]  # (B, D): the residual stream
+        x = self._embed(tokens.view(-1), state["pos"])  # (B, D): the residual stream
         cdt = compute_dtype(x, m.head.weight)
         self.sync_weights(cdt)
         kw = dict(backend=self.backend)
         for layer, states, w in zip(m.stack.layers, state["layers"], self.weights):
             a, st = layer.self_attn, states[0]
-            proj = ln_linear(x, *w["in"], ln=_ln(layer.norms[0]), **kw)
-            if "out" in w:  # linear attention: the step on views of the three projections
+            if "heads" in w:  # linear attention, one launch from the norm to the read-out
+                y = linear_decode_(x, _ln(layer.norms[0]), *w["heads"], st["S"], st["z"], a.eps, cdt)
+            elif "out" in w:  # linear attention, wider heads: the step on views of the three projections
                 B, H, dh = x.shape[0], a.n_heads, a.head_dim
-                q, k, v = proj.view(B, 3, H, dh).unbind(1)
-                y = torch.empty(B, H, dh, device=x.device, dtype=cdt)
-                linear_attention_step_(q, k, v, st["S"], st["z"], y, eps=a.eps)
-                x = ln_linear(y.view(B, -1), *w["out"], residual=x, **kw)
-            else:
+                q, k, v = ln_linear(x, *w["in"], ln=_ln(layer.norms[0]), **kw).view(B, 3, H, dh).unbind(1)
+                y = linear_attention_step_(q, k, v, st["S"], st["z"], q.new_empty(B, H, dh), eps=a.eps).view(B, -1)
+            else:  # MemSizer: no output projection; its step adds to the residual itself
+                proj = ln_linear(x, *w["in"], ln=_ln(layer.norms[0]), **kw)
                 x = memsizer_decode_(proj, a.n_heads, _ln(a.ln_l), _ln(a.ln_r), st["S"], st["count"], x)
+            if "out" in w:
+                x = ln_linear(y, *w["out"], residual=x, **kw)
             h = ln_linear(x, *w["fc1"], ln=_ln(layer.norms[-1]), act="relu", **kw)
             x = ln_linear(h, *w["fc2"], residual=x, **kw)
         state["pos"] += 1
