@@ -19,7 +19,7 @@ def _embed_kernel(TOK, TABLE, POS_TABLE, POS, OUT, D, scale, pos, stok, st, sp, 
         c = d0 + tl.arange(0, BD)
         m = c < D
         e = tl.load(TABLE + tok * st + c, mask=m, other=0.0) * scale \
-            + tl.load(POS_TABLE + pos.to(tl.int64) * sp + c, mask=m, other=0.0)
+            + tl.load(POS_TABLE + pos * sp + c, mask=m, other=0.0)
         tl.store(OUT + b * so + c, e.to(OUT.dtype.element_ty), mask=m)
 
 
