@@ -93,8 +93,11 @@ def decoder(variant, d_model=32, n_heads=4, **kw):
 
 @pytest.mark.parametrize("variant,n_heads", [("linear", 4), ("linear", 1), ("memsizer", 4)])
 def test_fused_steps_equal_the_models_steps(variant, n_heads):
-    """Linear attention with 4 heads of 8: the one-kernel step; 1 head of 48 (> 32): projections, then the step."""
-    net = decoder(variant, d_model=32 if n_heads == 4 else 48, n_heads=n_heads)
+    """Linear attention with 4 heads of 8: the one-kernel step; 1 head of 96 (a weight tile too large for it):
+    the projections as one matmul, then the step kernel."""
+    from attnlab.kernels.linear_attn.decode import fits
+    net = decoder(variant, d_model=32 if n_heads == 4 else 96, n_heads=n_heads)
+    assert fits(3, 32, 8) and not fits(3, 96, 96) and not fits(65, 32, 8)
     fused = Fused(net, backend="triton")
     prefix, toks = torch.randint(0, 37, (3, 5), device=DEV), torch.randint(0, 37, (3, 4), device=DEV)
     for amp, tol in ((False, 1e-5), (True, 2e-2)):

@@ -5,9 +5,9 @@ microseconds of launch and latency around well under a microsecond of work (benc
 ~690 us per token even replayed from a CUDA graph). ``Fused(model)`` runs the same step as four launches per
 layer:
 
-    linear attention, heads of <= 32      linear_decode_: LayerNorm_1, q/k/v of one head, state update, read-out
+    linear attention, batch <= 64         linear_decode_: LayerNorm_1, q/k/v of one head, state update, read-out
                                           ln_linear(W_out) + residual
-    (wider heads)                         ln_linear(LayerNorm_1, [W_q | W_k | W_v]), then the step kernel, W_out
+    (larger batches or wider heads)       ln_linear(LayerNorm_1, [W_q | W_k | W_v]), the step kernel, W_out
     MemSizer                              ln_linear(LayerNorm_1, [Phi | W_l | W_r]) (one matmul for the three)
                                           memsizer_decode_: softmaxes, LayerNorms, memory update, read-out,
                                           residual add (MemSizer has no output projection)
@@ -32,7 +32,7 @@ from torch import nn
 
 from attnlab.kernels import use_triton
 from attnlab.kernels.embed import embed_step
-from attnlab.kernels.linear_attn.decode import linear_decode_, pack_heads
+from attnlab.kernels.linear_attn.decode import fits, linear_decode_, pack_heads
 from attnlab.kernels.linear_attn.recurrent import linear_attention_step_
 from attnlab.kernels.ln_linear import compute_dtype, ln_linear
 from attnlab.kernels.memsizer.decode import memsizer_decode_
@@ -81,8 +81,8 @@ class Fused(nn.Module):
             a = layer.self_attn
             if hasattr(a, "w_l"):  # MemSizer
                 attn = (("in", (a.phi, a.w_l, a.w_r)),)
-            else:  # heads of <= 32: one kernel from LayerNorm to the read-out, its weights head by head
-                attn = (("in" if a.head_dim > 32 else "heads", (a.q_proj, a.k_proj, a.v_proj)), ("out", (a.out_proj,)))
+            else:  # linear attention: q, k, v weights head by head (linear_attn/decode.py)
+                attn = (("heads", (a.q_proj, a.k_proj, a.v_proj)), ("out", (a.out_proj,)))
             self.spec.append((*attn, ("fc1", (layer.ffn.fc1,)), ("fc2", (layer.ffn.fc2,))))
         self.spec.append((("head", (model.head,)),))
         # where each copied parameter lives (checked for a replaced object at every step)
@@ -165,11 +165,11 @@ class Fused(nn.Module):
         kw = dict(backend=self.backend)
         for layer, states, w in zip(m.stack.layers, state["layers"], self.weights):
             a, st = layer.self_attn, states[0]
-            if "heads" in w:  # linear attention, one launch from the norm to the read-out
+            if "heads" in w and fits(x.shape[0], x.shape[1], a.head_dim):  # one launch from the norm to y
                 y = linear_decode_(x, _ln(layer.norms[0]), *w["heads"], st["S"], st["z"], a.eps, cdt)
-            elif "out" in w:  # linear attention, wider heads: the step on views of the three projections
+            elif "heads" in w:  # many rows: the projections as one matmul, then the step on their views
                 B, H, dh = x.shape[0], a.n_heads, a.head_dim
-                q, k, v = ln_linear(x, *w["in"], ln=_ln(layer.norms[0]), **kw).view(B, 3, H, dh).unbind(1)
+                q, k, v = ln_linear(x, *w["heads"], ln=_ln(layer.norms[0]), **kw).view(B, H, 3, dh).unbind(2)
                 y = linear_attention_step_(q, k, v, st["S"], st["z"], q.new_empty(B, H, dh), eps=a.eps).view(B, -1)
             else:  # MemSizer: no output projection; its step adds to the residual itself
                 proj = ln_linear(x, *w["in"], ln=_ln(layer.norms[0]), **kw)
