@@ -2,12 +2,12 @@
 
 At batch 16 a decode step of the CIFAR-10-shaped model (16 layers, d=256) is ~20 kernels per layer, each a few
 microseconds of launch and latency around well under a microsecond of work (bench/RESULTS.md: 320 kernels and
-~690 us per token even replayed from a CUDA graph). ``Fused(model)`` runs the same step as four launches per
-layer:
+~690 us per token even replayed from a CUDA graph). ``Fused(model)`` runs the same step as five launches per
+linear-attention layer and four per MemSizer layer, plus one for the embedding:
 
-    linear attention, batch <= 64         linear_decode_: LayerNorm_1, q/k/v of one head, state update, read-out
+    linear attention                      ln_linear(LayerNorm_1, [W_q | W_k | W_v]) (one matmul for the three)
+                                          the step kernel (state update + read-out, recurrent.py)
                                           ln_linear(W_out) + residual
-    (larger batches or wider heads)       ln_linear(LayerNorm_1, [W_q | W_k | W_v]), the step kernel, W_out
     MemSizer                              ln_linear(LayerNorm_1, [Phi | W_l | W_r]) (one matmul for the three)
                                           memsizer_decode_: softmaxes, LayerNorms, memory update, read-out,
                                           residual add (MemSizer has no output projection)
@@ -32,7 +32,6 @@ from torch import nn
 
 from attnlab.kernels import use_triton
 from attnlab.kernels.embed import embed_step
-from attnlab.kernels.linear_attn.decode import fits, linear_decode_, pack_heads
 from attnlab.kernels.linear_attn.recurrent import linear_attention_step_
 from attnlab.kernels.ln_linear import compute_dtype, ln_linear
 from attnlab.kernels.memsizer.decode import memsizer_decode_
@@ -81,8 +80,8 @@ class Fused(nn.Module):
             a = layer.self_attn
             if hasattr(a, "w_l"):  # MemSizer
                 attn = (("in", (a.phi, a.w_l, a.w_r)),)
-            else:  # linear attention: q, k, v weights head by head (linear_attn/decode.py)
-                attn = (("heads", (a.q_proj, a.k_proj, a.v_proj)), ("out", (a.out_proj,)))
+            else:  # linear attention
+                attn = (("in", (a.q_proj, a.k_proj, a.v_proj)), ("out", (a.out_proj,)))
             self.spec.append((*attn, ("fc1", (layer.ffn.fc1,)), ("fc2", (layer.ffn.fc2,))))
         self.spec.append((("head", (model.head,)),))
         # where each copied parameter lives (checked for a replaced object at every step)
@@ -105,15 +104,10 @@ class Fused(nn.Module):
 
     # -- the weight copies ------------------------------------------------------------------------------------
     def _packed(self, dtype) -> list:
-        heads = iter(layer.self_attn.n_heads for layer in self.model.stack.layers)
-
-        def cat(name, ts, h):
-            if any(t is None for t in ts):
-                return None
-            ts = [t.detach() for t in ts]
-            return (pack_heads(*ts, h) if name == "heads" else torch.cat(ts)).to(dtype)
-        return [{name: (cat(name, [m.weight for m in mods], h), cat(name, [m.bias for m in mods], h))
-                 for name, mods in groups} for groups, h in zip(self.spec, [*heads, None])]
+        def cat(ts):
+            return None if any(t is None for t in ts) else torch.cat([t.detach() for t in ts]).to(dtype)
+        return [{name: (cat([m.weight for m in mods]), cat([m.bias for m in mods])) for name, mods in groups}
+                for groups in self.spec]
 
     def sync_weights(self, dtype=None) -> bool:
         """Bring the weight copies up to date (in place when only values changed). False when they had to be made
@@ -165,11 +159,9 @@ class Fused(nn.Module):
         kw = dict(backend=self.backend)
         for layer, states, w in zip(m.stack.layers, state["layers"], self.weights):
             a, st = layer.self_attn, states[0]
-            if "heads" in w and fits(x.shape[0], x.shape[1], a.head_dim):  # one launch from the norm to y
-                y = linear_decode_(x, _ln(layer.norms[0]), *w["heads"], st["S"], st["z"], a.eps, cdt)
-            elif "heads" in w:  # many rows: the projections as one matmul, then the step on their views
+            if "out" in w:  # linear attention: the step kernel on views of the three projections
                 B, H, dh = x.shape[0], a.n_heads, a.head_dim
-                q, k, v = ln_linear(x, *w["heads"], ln=_ln(layer.norms[0]), **kw).view(B, H, 3, dh).unbind(2)
+                q, k, v = ln_linear(x, *w["in"], ln=_ln(layer.norms[0]), **kw).view(B, 3, H, dh).unbind(1)
                 y = linear_attention_step_(q, k, v, st["S"], st["z"], q.new_empty(B, H, dh), eps=a.eps).view(B, -1)
             else:  # MemSizer: no output projection; its step adds to the residual itself
                 proj = ln_linear(x, *w["in"], ln=_ln(layer.norms[0]), **kw)
