@@ -26,7 +26,8 @@ def rel(a, b):
                                   {"bias": False, "act": "relu", "residual": True}])
 def test_ln_linear_equals_the_float64_reference(M, K, N, opts):
     torch.manual_seed(M + K)
-    x, W, b = torch.randn(M, K, device=DEV) * 3 + 1, torch.randn(N, K, device=DEV) / K ** 0.5, torch.randn(N, device=DEV)
+    x, W = torch.randn(M, K, device=DEV) * 3 + 1, torch.randn(N, K, device=DEV) / K ** 0.5
+    b = torch.randn(N, device=DEV)
     kw = dict(ln=(torch.randn(K, device=DEV), torch.randn(K, device=DEV), 1e-5) if opts.get("ln") else None,
               act=opts.get("act"), residual=torch.randn(M, N, device=DEV) if opts.get("residual") else None)
     b = b if opts.get("bias", True) else None
@@ -60,7 +61,8 @@ def test_ln_linear_rejects_shapes_that_do_not_fit():
 @pytest.mark.parametrize("B,H,k,d", [(3, 8, 32, 256), (2, 3, 5, 40), (2, 2, 64, 300)])  # the last: 2 S tiles
 def test_memsizer_decode_step_equals_the_float64_reference(B, H, k, d):
     torch.manual_seed(d)
-    proj, S, x = torch.randn(B, H * k + k + d, device=DEV), torch.randn(B, k, d, device=DEV), torch.randn(B, d, device=DEV)
+    proj, S = torch.randn(B, H * k + k + d, device=DEV), torch.randn(B, k, d, device=DEV)
+    x = torch.randn(B, d, device=DEV)
     count = torch.arange(B, device=DEV, dtype=torch.float32) * 3  # row 0: an empty memory
     ln_l = (torch.randn(k, device=DEV), torch.randn(k, device=DEV), 1e-5)
     ln_r = (torch.randn(d, device=DEV), torch.randn(d, device=DEV), 1e-5)

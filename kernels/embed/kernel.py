@@ -7,10 +7,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..pdl import launch_options, pdl, wait_previous
+
 
 @triton.jit
 def _embed_kernel(TOK, TABLE, POS_TABLE, POS, OUT, D, scale, pos, stok, st, sp, so,
-                  POS_PTR: tl.constexpr, BD: tl.constexpr):
+                  POS_PTR: tl.constexpr, PDL: tl.constexpr, BD: tl.constexpr):
+    wait_previous(PDL)
     b = tl.program_id(0)
     tok = tl.load(TOK + b * stok).to(tl.int64)
     if POS_PTR:
@@ -28,6 +31,8 @@ def launch(tokens, table, scale, positions, pos, out):
     D = table.shape[1]
     ptr = not isinstance(pos, int)
     _embed_kernel[(tokens.shape[0],)](tokens, table, positions, pos if ptr else tokens, out, D, scale,
-                                      0 if ptr else pos, tokens.stride(0), table.stride(0), positions.stride(0), out.stride(0),
-                                      POS_PTR=ptr, BD=min(1024, triton.next_power_of_2(D)), num_warps=4)
+                                      0 if ptr else pos, tokens.stride(0), table.stride(0), positions.stride(0),
+                                      out.stride(0),
+                                      POS_PTR=ptr, PDL=pdl(out), BD=min(1024, triton.next_power_of_2(D)), num_warps=4,
+                                      **launch_options(out))
     return out

@@ -14,12 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import launch_options, pdl, wait_previous
+
 
 @triton.jit
 def _step_kernel(Q, K, V, S, Z, SO, ZO, Y, W, H, eps,
                  sqb, sqh, skb, skh, svb, svh, ssb, ssh, ssk, szb, szh, sob, soh, sok, szob, szoh, syb, syh,
                  DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 ELU1: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr):
+                 ELU1: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, PDL: tl.constexpr):
+    wait_previous(PDL)
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     ck = tl.arange(0, BK)
@@ -82,7 +85,7 @@ def launch_step(q, k, v, S, Z, S_out, Z_out, out, write, eps, elu1, norm):
     _step_kernel[(B * H,)](q, k, v, S, Z, S_out, Z_out, out, W, H, eps, *q.stride()[:2], *k.stride()[:2],
                            *v.stride()[:2], *S.stride()[:3], *zs, *S_out.stride()[:3], *zos, *out.stride()[:2],
                            DK=DK, DV=DV, BK=BK, BV=BV, ELU1=elu1, NORM=norm, HAS_W=write is not None,
-                           num_warps=4 if BK * BV >= 2048 else 2)
+                           PDL=pdl(q), num_warps=4 if BK * BV >= 2048 else 2, **launch_options(q))
     return out
 
 

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import launch_options, pdl, wait_previous
+
 # Tiles: BN output columns per program, BN_SMALL when the call has few rows and columns (a decode step at batch 16:
 # more programs, each reading less of the weight); BK of K per step (K <= BK: one tile, loaded once, its row
 # statistics taken from the registers: one round trip to memory instead of three; BM x BK <= 8192 keeps the float32
@@ -44,7 +46,7 @@ def _normed(x, rk, mk, mean, rstd, LW, LB):
 @triton.jit
 def _ln_linear_kernel(X, W, Bias, LW, LB, R, Y, M, N, K, eps, sxm, swn, srm, sym,
                       HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
-                      CDT: tl.constexpr, UPCAST: tl.constexpr, ONE_TILE: tl.constexpr,
+                      CDT: tl.constexpr, UPCAST: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -55,13 +57,16 @@ def _ln_linear_kernel(X, W, Bias, LW, LB, R, Y, M, N, K, eps, sxm, swn, srm, sym
         rk = tl.arange(0, BK)
         mk = rk < K
         m2 = mm[:, None] & mk[None, :]
+        w = tl.load(W + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)  # weights: before the wait
+        wait_previous(PDL)
         x = tl.load(X + rk[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_LN:
             mean = tl.sum(x, 1) / K
             d = tl.where(m2, x - mean[:, None], 0.0)
             x = _normed(x, rk, mk, mean, 1.0 / tl.sqrt(tl.sum(d * d, 1) / K + eps), LW, LB)
-        acc = _dot(x, tl.load(W + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0), CDT, UPCAST)
+        acc = _dot(x, w, CDT, UPCAST)
     else:
+        wait_previous(PDL)
         if HAS_LN:  # row mean and variance first: two passes over K
             s = tl.zeros([BM], tl.float32)
             for k0 in range(0, K, BK):
@@ -111,5 +116,6 @@ def launch(x, weight, bias, ln, relu, residual, out, cdt):
                             x.stride(0), weight.stride(0), res.stride(0), out.stride(0),
                             HAS_LN=ln is not None, HAS_BIAS=bias is not None, RELU=relu,
                             HAS_RES=residual is not None, CDT=_TL[cdt],
-                            UPCAST=not x.is_cuda, ONE_TILE=K <= BK, BM=BM, BN=BN, BK=BK, num_warps=cfg["warps"])
+                            UPCAST=not x.is_cuda, ONE_TILE=K <= BK, PDL=pdl(x), BM=BM, BN=BN, BK=BK,
+                            num_warps=cfg["warps"], **launch_options(x))
     return out

@@ -1,7 +1,6 @@
 """PyTorch reference of ``ln_linear``: what the eager modules compute, op by op, in the same dtypes."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 

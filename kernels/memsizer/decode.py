@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import launch_options, pdl, wait_previous
+
 
 @triton.jit
 def _ln_stats(X, N, eps, BN: tl.constexpr):
@@ -41,7 +43,9 @@ def _write_read(S, X, OUT, LRW, LRB, r, cv, mv, mean, rstd, a, p, ck, mk, ssk, s
 
 @triton.jit
 def _decode_kernel(P, LLW, LLB, LRW, LRB, S, C, X, OUT, H, KS, D, eps_l, eps_r, spb, ssb, ssk, sxb, sob,
-                   BH: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr, ONE_TILE: tl.constexpr):
+                   BH: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr, ONE_TILE: tl.constexpr,
+                   PDL: tl.constexpr):
+    wait_previous(PDL)
     b = tl.program_id(0)
     P += b.to(tl.int64) * spb
     ch, ck = tl.arange(0, BH), tl.arange(0, BKS)
@@ -96,5 +100,6 @@ def memsizer_decode_(proj, n_heads: int, ln_l, ln_r, S, count, residual, out=Non
     _decode_kernel[(B,)](proj, ln_l[0], ln_l[1], ln_r[0], ln_r[1], S, count, residual, out, n_heads, KS, D,
                          ln_l[2], ln_r[2], proj.stride(0), S.stride(0), S.stride(1), residual.stride(0),
                          out.stride(0), BH=max(2, triton.next_power_of_2(n_heads)), BKS=BKS, BV=BV,
-                         ONE_TILE=D <= BV, num_warps=4 if BKS * BV <= 4096 else 8)
+                         ONE_TILE=D <= BV, PDL=pdl(proj), num_warps=4 if BKS * BV <= 4096 else 8,
+                         **launch_options(proj))
     return out

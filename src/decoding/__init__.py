@@ -11,5 +11,6 @@ from .fused import Fused, unfusable
 from .graphs import CUDAGraphs
 from .search import Hypothesis, Recompute, beam_search, filter_logits, greedy, sample, start
 
-__all__ = ["CUDAGraphs", "Fused", "unfusable", "Hypothesis", "Recompute", "beam_search", "filter_logits", "greedy", "sample", "start",
+__all__ = ["CUDAGraphs", "Fused", "unfusable", "Hypothesis", "Recompute", "beam_search", "filter_logits", "greedy",
+           "sample", "start",
            "greedy_decode", "prefix_beam_search", "beam_decode"]
