@@ -13,12 +13,11 @@ import collections
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import VARIANTS, decoder  # noqa: E402  the benchmark's own generation model
+from bench_model import VARIANTS, decoder, time_steps  # noqa: E402  the benchmark's own generation model
 
 
 @torch.no_grad()
@@ -29,16 +28,9 @@ def profile_point(variant, B, fuse, steps=200):
     net = decoder(VARIANTS[variant], 3072 + 64, 256, 16, 8, 1024).eval()
     model = CUDAGraphs(net, fuse=fuse)
     tok = torch.randint(0, 256, (B,), device="cuda")
+    state = model.init_state(B)
+    per = time_steps(model, state, B, steps, warm=5)
     with torch.autocast("cuda", torch.bfloat16):
-        state = model.init_state(B)
-        for _ in range(5):
-            model.step(tok, state)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            model.step(tok, state)
-        torch.cuda.synchronize()
-        per = (time.perf_counter() - t) / steps
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 model.step(tok, state)

@@ -36,6 +36,8 @@ from attnlab.kernels.linear_attn.recurrent import linear_attention_step_
 from attnlab.kernels.ln_linear import compute_dtype, ln_linear
 from attnlab.kernels.memsizer.decode import memsizer_decode_
 
+from .graphs import Delegate
+
 
 def unfusable(model) -> str | None:
     """Why ``Fused(model)`` cannot run ``model``'s step, or None when it can."""
@@ -62,7 +64,7 @@ def _ln(norm: nn.LayerNorm) -> tuple:
     return norm.weight, norm.bias, norm.eps
 
 
-class Fused(nn.Module):
+class Fused(Delegate, nn.Module):
     """``model`` (a ``TransformerDecoder``) for the search functions, its ``step`` run by fused kernels (module
     docstring). ``backend``: "auto" (CUDA tensors) or "triton" (also CPU tensors under TRITON_INTERPRET=1)."""
 
@@ -88,19 +90,6 @@ class Fused(nn.Module):
         self.slots = [(m._parameters, n) for groups in self.spec for _, mods in groups for m in mods
                       for n in ("weight", "bias") if m._parameters.get(n) is not None]
         self.dtype, self.params, self.versions, self.weights = None, [], [], None
-
-    # the model's own interface, unchanged
-    def init_state(self, batch_size, memory=None, memory_padding_mask=None) -> dict:
-        return self.model.init_state(batch_size, memory, memory_padding_mask)
-
-    def prefill(self, tokens, state, key_padding_mask=None):
-        return self.model.prefill(tokens, state, key_padding_mask)
-
-    def reorder_state(self, state, index) -> dict:
-        return self.model.reorder_state(state, index)
-
-    def reserve_state(self, state, length):
-        return self.model.reserve_state(state, length)
 
     # -- the weight copies ------------------------------------------------------------------------------------
     def _packed(self, dtype) -> list:

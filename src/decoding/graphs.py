@@ -72,19 +72,8 @@ class _LinearOnly(TorchFunctionMode):
         return [self.params[i] for i in self.linear - self.other]
 
 
-class CUDAGraphs:
-    """``model`` (init_state / step / prefill / reorder_state, e.g. ``TransformerDecoder``) with ``step`` replayed
-    from a CUDA graph where the state's shapes allow it (module docstring)."""
-
-    def __init__(self, model, warmup: int = 2, fuse: bool = True):
-        from .fused import Fused, unfusable
-        if fuse and unfusable(model) is None:  # the step as a few fused kernels per layer (fused.py)
-            model = Fused(model)
-        self.model, self.warmup = model, warmup
-        self.max_len = getattr(model, "max_len", None)
-        self.graph, self.key = None, None
-        self.casts, self.versions = [], []  # (module, name, parameter, its low-precision copy), version at the copy
-        self.captures = 0
+class Delegate:
+    """The model interface of the search functions, but ``step``: the wrapped ``self.model``'s, unchanged."""
 
     def init_state(self, batch_size, memory=None, memory_padding_mask=None) -> dict:
         return self.model.init_state(batch_size, memory, memory_padding_mask)
@@ -97,6 +86,21 @@ class CUDAGraphs:
 
     def reserve_state(self, state, length):
         return self.model.reserve_state(state, length) if hasattr(self.model, "reserve_state") else state
+
+
+class CUDAGraphs(Delegate):
+    """``model`` (init_state / step / prefill / reorder_state, e.g. ``TransformerDecoder``) with ``step`` replayed
+    from a CUDA graph where the state's shapes allow it (module docstring)."""
+
+    def __init__(self, model, warmup: int = 2, fuse: bool = True):
+        from .fused import Fused, unfusable
+        if fuse and unfusable(model) is None:  # the step as a few fused kernels per layer (fused.py)
+            model = Fused(model)
+        self.model, self.warmup = model, warmup
+        self.max_len = getattr(model, "max_len", None)
+        self.graph, self.key = None, None
+        self.casts, self.versions = [], []  # (module, name, parameter, its low-precision copy), version at the copy
+        self.captures = 0
 
     def graphable(self, tokens, state, pad) -> bool:
         return (tokens.is_cuda and pad is None and "layers" in state
