@@ -34,6 +34,7 @@ def test_ln_linear_equals_the_float64_reference(M, K, N, opts):
     y = ln_linear(x, W, b, backend="triton", **kw)
     ref = ln_linear_ref(*f64((x, W, b)), **{k: f64(v) for k, v in kw.items()})
     assert y.dtype == torch.float32 and y.shape == (M, N) and rel(y, ref) < 1e-5
+    assert torch.equal(ln_linear(x, W, b, backend="triton", static_weight=True, **kw), y)  # weights loaded first
     with torch.autocast(DEV, torch.bfloat16):  # the matmul in bf16, rounded; norm and residual sum in float32
         y = ln_linear(x, W, b, backend="triton", **kw)
         ref = ln_linear_ref(x, W, b, dtype=torch.bfloat16, **kw)

@@ -18,9 +18,12 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def ln_linear(x, weight, bias=None, ln=None, act: str | None = None, residual=None, backend: str = "auto"):
+def ln_linear(x, weight, bias=None, ln=None, act: str | None = None, residual=None, backend: str = "auto",
+              static_weight: bool = False):
     """x (..., K) -> (..., N): ``act(LayerNorm(x) @ weight^T + bias) (+ residual)``. ``ln``: (weight, bias, eps).
-    Output dtype: the compute dtype, or with a residual the promotion of the residual's dtype and it."""
+    Output dtype: the compute dtype, or with a residual the promotion of the residual's dtype and it.
+    ``static_weight``: the weight is not written by the kernel launched just before this one, so under
+    programmatic dependent launch it may be loaded while that kernel finishes (kernels/pdl.py)."""
     if act not in (None, "relu"):
         raise ValueError(f"ln_linear: unknown activation {act!r}; expected 'relu' or None")
     K, N = x.shape[-1], weight.shape[0]
@@ -40,7 +43,7 @@ def ln_linear(x, weight, bias=None, ln=None, act: str | None = None, residual=No
         r2 = r2.contiguous()
     odt = cdt if residual is None else torch.promote_types(residual.dtype, cdt)
     out = torch.empty(x2.shape[0], N, device=x.device, dtype=odt)
-    launch(x2, w, bias, ln, act == "relu", r2, out, cdt)
+    launch(x2, w, bias, ln, act == "relu", r2, out, cdt, prefetch=static_weight)
     return out.view(*x.shape[:-1], N)
 
 

@@ -47,6 +47,7 @@ def _normed(x, rk, mk, mean, rstd, LW, LB):
 def _ln_linear_kernel(X, W, Bias, LW, LB, R, Y, M, N, K, eps, sxm, swn, srm, sym,
                       HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
                       CDT: tl.constexpr, UPCAST: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
+                      PREFETCH: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -57,8 +58,12 @@ def _ln_linear_kernel(X, W, Bias, LW, LB, R, Y, M, N, K, eps, sxm, swn, srm, sym
         rk = tl.arange(0, BK)
         mk = rk < K
         m2 = mm[:, None] & mk[None, :]
-        w = tl.load(W + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)  # weights: before the wait
-        wait_previous(PDL)
+        if PREFETCH:  # the weights while the previous kernel finishes (pdl.py)
+            w = tl.load(W + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
+            wait_previous(PDL)
+        else:
+            wait_previous(PDL)
+            w = tl.load(W + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
         x = tl.load(X + rk[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_LN:
             mean = tl.sum(x, 1) / K
@@ -100,7 +105,7 @@ def _ln_linear_kernel(X, W, Bias, LW, LB, R, Y, M, N, K, eps, sxm, swn, srm, sym
     tl.store(Y + rm.to(tl.int64)[:, None] * sym + rn[None, :], y.to(Y.dtype.element_ty), mask=m2)
 
 
-def launch(x, weight, bias, ln, relu, residual, out, cdt):
+def launch(x, weight, bias, ln, relu, residual, out, cdt, prefetch=False):
     """x (M, K), weight (N, K), bias (N,) or None, ln (weight, bias, eps) or None, residual and out (M, N); every
     last stride 1. Writes out and returns it."""
     M, K = x.shape
@@ -116,6 +121,6 @@ def launch(x, weight, bias, ln, relu, residual, out, cdt):
                             x.stride(0), weight.stride(0), res.stride(0), out.stride(0),
                             HAS_LN=ln is not None, HAS_BIAS=bias is not None, RELU=relu,
                             HAS_RES=residual is not None, CDT=_TL[cdt],
-                            UPCAST=not x.is_cuda, ONE_TILE=K <= BK, PDL=pdl(x), BM=BM, BN=BN, BK=BK,
+                            UPCAST=not x.is_cuda, ONE_TILE=K <= BK, PDL=pdl(x), PREFETCH=prefetch, BM=BM, BN=BN, BK=BK,
                             num_warps=cfg["warps"], **launch_options(x))
     return out

@@ -145,7 +145,7 @@ class Fused(Delegate, nn.Module):
         x = self._embed(tokens.view(-1), state["pos"])  # (B, D): the residual stream
         cdt = compute_dtype(x, m.head.weight)
         self.sync_weights(cdt)
-        kw = dict(backend=self.backend)
+        kw = dict(backend=self.backend, static_weight=True)  # the copies change only between steps
         for layer, states, w in zip(m.stack.layers, state["layers"], self.weights):
             a, st = layer.self_attn, states[0]
             if "out" in w:  # linear attention: the step kernel on views of the three projections
