@@ -6,7 +6,8 @@ visible, then ``gdc_launch_dependents`` lets the next kernel start the same way.
 overlap to one kernel: the previous kernel waited for its own predecessor before releasing us, so everything up to
 it is complete once our wait returns. Rule for the kernels: before the wait, read only what the kernel before
 cannot be writing (weights its caller declares static, e.g. ``ln_linear(..., static_weight=True)`` from the fused
-decoder, whose weight copies change only between steps); write nothing. CUDA graphs capture the launches with their programmatic edges.
+decoder, whose weight copies change only between steps); write nothing. CUDA graphs capture the launches with their
+programmatic edges.
 ``ATTNLAB_PDL=0`` in the environment turns it off (for timing with and without, or a driver that misbehaves).
 """
 from __future__ import annotations

@@ -58,12 +58,11 @@ def _ln_linear_kernel(X, W, Bias, LW, LB, R, Y, M, N, K, eps, sxm, swn, srm, sym
         rk = tl.arange(0, BK)
         mk = rk < K
         m2 = mm[:, None] & mk[None, :]
-        if PREFETCH:  # the weights while the previous kernel finishes (pdl.py)
-            w = tl.load(W + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
+        if not PREFETCH:
             wait_previous(PDL)
-        else:
+        w = tl.load(W + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
+        if PREFETCH:  # the weights were loaded while the previous kernel finished (pdl.py)
             wait_previous(PDL)
-            w = tl.load(W + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
         x = tl.load(X + rk[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_LN:
             mean = tl.sum(x, 1) / K

@@ -25,8 +25,6 @@ model's own step. Wrap it in ``CUDAGraphs`` (which does so by default) to replay
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import nn
 
@@ -36,7 +34,7 @@ from attnlab.kernels.linear_attn.recurrent import linear_attention_step_
 from attnlab.kernels.ln_linear import compute_dtype, ln_linear
 from attnlab.kernels.memsizer.decode import memsizer_decode_
 
-from .graphs import Delegate
+from .graphs import Delegate, WeightCopies
 
 
 def unfusable(model) -> str | None:
@@ -86,10 +84,9 @@ class Fused(Delegate, nn.Module):
                 attn = (("in", (a.q_proj, a.k_proj, a.v_proj)), ("out", (a.out_proj,)))
             self.spec.append((*attn, ("fc1", (layer.ffn.fc1,)), ("fc2", (layer.ffn.fc2,))))
         self.spec.append((("head", (model.head,)),))
-        # where each copied parameter lives (checked for a replaced object at every step)
-        self.slots = [(m._parameters, n) for groups in self.spec for _, mods in groups for m in mods
+        self.slots = [(m, n) for groups in self.spec for _, mods in groups for m in mods
                       for n in ("weight", "bias") if m._parameters.get(n) is not None]
-        self.dtype, self.params, self.versions, self.weights = None, [], [], None
+        self.copies, self.dtype = None, None  # WeightCopies of _packed(dtype), made at the first step
 
     # -- the weight copies ------------------------------------------------------------------------------------
     def _packed(self, dtype) -> list:
@@ -98,34 +95,26 @@ class Fused(Delegate, nn.Module):
         return [{name: (cat([m.weight for m in mods]), cat([m.bias for m in mods])) for name, mods in groups}
                 for groups in self.spec]
 
+    @property
+    def weights(self) -> list:
+        return self.copies.tensors
+
     def sync_weights(self, dtype=None) -> bool:
         """Bring the weight copies up to date (in place when only values changed). False when they had to be made
-        anew (first use, another dtype, a parameter object replaced): a captured graph reading them is stale.
-        Called once per token, so it only compares: ~200 identities and version counters (~40 us of host time)."""
+        anew (first use, another dtype, a parameter object replaced): a captured graph reading them is stale."""
         dtype = dtype or self.dtype
         if dtype is None:
             return False
-        params = [d[n] for d, n in self.slots]
-        if dtype != self.dtype or not all(map(operator.is_, params, self.params)):
-            self.weights, self.dtype, self.params = self._packed(dtype), dtype, params
-            self.versions = [p._version for p in params]
+        if dtype != self.dtype or not self.copies.current():
+            self.copies, self.dtype = WeightCopies(self.slots, lambda params: self._packed(dtype)), dtype
             return False
-        versions = [p._version for p in params]
-        if versions != self.versions:
-            with torch.no_grad():
-                for old, new in zip(self.weights, self._packed(dtype)):
-                    for name in old:
-                        for o, n in zip(old[name], new[name]):
-                            if o is not None:
-                                o.copy_(n)
-            self.versions = versions
         return True
 
     # -- the step ---------------------------------------------------------------------------------------------
     def _runs(self, tokens, state, pad) -> bool:
         if pad is not None or self.model.training or not use_triton(self.backend, tokens):
             return False
-        return all(t.dtype == torch.float32 and t.stride(-1) == 1 and t.is_contiguous()
+        return all(t.dtype == torch.float32 and t.is_contiguous()
                    for states in state["layers"] for t in states[0].values() if torch.is_tensor(t))
 
     def _embed(self, tokens, pos):

@@ -29,6 +29,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 _TENSOR = object()  # marks where a state holds a tensor, in the structure a graph is captured for
 
@@ -73,6 +74,35 @@ class _LinearOnly(TorchFunctionMode):
         return [self.params[i] for i in self.linear - self.other]
 
 
+class WeightCopies:
+    """Tensors made from parameters (low-precision casts, concatenations) and kept current: ``make(params)`` gives
+    them, a list (of tensors, or of dicts / tuples holding tensors and None) in the order of ``slots``
+    ((module, parameter name) pairs). ``current()`` refreshes them in place, keeping their memory, when a parameter's
+    version counter moved (an optimizer step between two searches), and is False when a slot holds another
+    parameter object than they were made from: whoever captured their addresses must make new ones. Checked once per
+    token, so it only compares identities and counters."""
+
+    def __init__(self, slots: list, make):
+        self.slots, self.make = slots, make
+        self.params = [mod._parameters[name] for mod, name in slots]
+        self.versions = [p._version for p in self.params]
+        with torch.no_grad():
+            self.tensors = make(self.params)
+
+    def current(self) -> bool:
+        params = [mod._parameters[name] for mod, name in self.slots]
+        if not all(map(operator.is_, params, self.params)):
+            return False
+        versions = [p._version for p in params]
+        if versions != self.versions:
+            with torch.no_grad():
+                for old, new in zip(tree_leaves(self.tensors), tree_leaves(self.make(params))):
+                    if old is not None:  # (an absent bias)
+                        old.copy_(new)
+            self.versions = versions
+        return True
+
+
 class Delegate:
     """The model interface of the search functions, but ``step``: the wrapped ``self.model``'s, unchanged."""
 
@@ -100,7 +130,7 @@ class CUDAGraphs(Delegate):
         self.model, self.warmup = model, warmup
         self.max_len = getattr(model, "max_len", None)
         self.graph, self.key = None, None
-        self.casts, self.versions = [], []  # (module, name, parameter, its low-precision copy), version at the copy
+        self.casts = None  # WeightCopies: the low-precision copies of the weights only F.linear reads
         self.captures = 0
 
     def graphable(self, tokens, state, pad) -> bool:
@@ -138,23 +168,18 @@ class CUDAGraphs(Delegate):
         sync = getattr(self.model, "sync_weights", None)  # Fused's own copies
         if sync is not None and not sync():
             return False
-        for i, (mod, name, p, low) in enumerate(self.casts):
-            if mod._parameters[name] is not p:
-                return False
-            if p._version != self.versions[i]:
-                low.copy_(p.detach())
-                self.versions[i] = p._version
-        return True
+        return self.casts is None or self.casts.current()
 
     @contextlib.contextmanager
     def _low_weights(self):
         """The modules hold the low-precision copies (as Parameters on their storage) while the step is captured."""
-        for mod, name, _, low in self.casts:
+        casts = [] if self.casts is None else list(zip(self.casts.slots, self.casts.tensors, self.casts.params))
+        for (mod, name), low, _ in casts:
             mod._parameters[name] = torch.nn.Parameter(low, requires_grad=False)
         try:
             yield
         finally:
-            for mod, name, p, _ in self.casts:
+            for (mod, name), _, p in casts:
                 mod._parameters[name] = p
 
     def _adopt(self, state: dict) -> None:
@@ -180,7 +205,7 @@ class CUDAGraphs(Delegate):
         _copy_into(self.leaves, _leaves(state))
 
     def _capture(self, tokens: torch.Tensor, state: dict, key: tuple) -> None:
-        self.graph, self.casts, self.versions = None, [], []
+        self.graph, self.casts = None, None
         self.template = [[type(s)({k: _TENSOR if torch.is_tensor(v) else v for k, v in s.items()}) for s in states]
                          for states in state["layers"]]
         self.leaves = [v.clone() for v in _leaves(state)]
@@ -198,10 +223,14 @@ class CUDAGraphs(Delegate):
             with watch:
                 self.logits = self.model.step(self.tokens, self._state([v.clone() for v in saved], state["pos"]))
             if torch.is_autocast_enabled(dev):
-                low = {id(p): p.detach().to(torch.get_autocast_dtype(dev)) for p in watch.result()}
-                self.casts = [(mod, name, p, low[id(p)]) for mod in self.model.modules()
-                              for name, p in mod._parameters.items() if p is not None and id(p) in low]
-                self.versions = [p._version for _, _, p, _ in self.casts]
+                ids, dtype = {id(p) for p in watch.result()}, torch.get_autocast_dtype(dev)
+
+                def cast(params):  # one copy per parameter, also where two modules hold it
+                    copies = {}
+                    return [copies.setdefault(id(p), p.detach().to(dtype)) for p in params]
+                self.casts = WeightCopies([(mod, name) for mod in self.model.modules()
+                                           for name, p in mod._parameters.items() if p is not None and id(p) in ids],
+                                          cast)
             with self._low_weights():
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
