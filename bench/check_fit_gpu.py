@@ -53,6 +53,18 @@ def _compiled(fns):
     return seen
 
 
+def chunk_estimates(est, B, H, DK, DV, T, in_bytes, smem):
+    """fit.py's shared-memory estimates of the chunk kernels at these shapes, into est (by kernel name)."""
+    import attnlab.kernels.linear_attn.chunk as chunk
+    from attnlab.kernels import fit
+    for kerns in chunk.GROUPS.values():
+        cfg = fit.fit_chunk(kerns, DK, DV, in_bytes, smem, BT=(64, 32))
+        est.update({k: fit.chunk_smem(k, cfg["BT"], cfg["BK"], cfg["BV"], in_bytes, cfg["stages"]) for k in kerns})
+    tiles = chunk._serial_tiles(B, H, DK, DV, T, cfg["BT"], in_bytes, smem)
+    if tiles:
+        est["prefix"] = fit.chunk_smem("prefix", cfg["BT"], *tiles, in_bytes, chunk.CONFIG["serial_stages"])
+
+
 def run_case(op, p):
     import torch
 
@@ -67,7 +79,8 @@ def run_case(op, p):
     from attnlab.kernels.topk_attn import topk_attention
     from attnlab.kernels.topk_attn.reference import topk_attention_dense
 
-    fns = [chunk._state_kernel, chunk._fwd_kernel, chunk._bwd_q_kernel, chunk._bwd_kv_kernel, tchunk._fwd_kernel,
+    chunk.CONFIG.update(json.loads(os.environ.get("FIT_CONFIG", "{}")))  # --config
+    fns = [chunk._state_kernel, chunk._prefix_kernel, chunk._fwd_kernel, chunk._bwd_q_kernel, chunk._bwd_kv_kernel, tchunk._fwd_kernel,
            tchunk._out_kernel, tchunk._bwd_kernel, _step_kernel]
     before = _compiled(fns)
     dev, dt = os.environ.get("FIT_DEVICE", "cuda"), getattr(torch, p["dt"])  # cpu + TRITON_INTERPRET=1: a smoke run
@@ -99,10 +112,7 @@ def run_case(op, p):
         exp = ref(lambda q, k, v: linear_attention_ref(q, k, v, causal=p["causal"]), xs, dy)
         path = "torch (d > 256)" if dh > 256 else "triton"
         if dh <= 256:
-            for grp, kerns in chunk.GROUPS.items():
-                cfg = fit.fit_chunk(kerns, dh, dh, dt.itemsize, smem, BT=(64, 32))
-                est.update({k: fit.chunk_smem(k, cfg["BT"], cfg["BK"], cfg["BV"], dt.itemsize, cfg["stages"])
-                            for k in kerns})
+            chunk_estimates(est, B, H, dh, dh, T, dt.itemsize, smem)
     elif op == "memsizer":
         d, k = p["d"], p["k"]
         xs = [rnd(B, T, k).softmax(-1), rnd(B, T, k), rnd(B, T, d)]
@@ -110,10 +120,7 @@ def run_case(op, p):
         got = fb(lambda a, b, c: memsizer(a, b, c, p["causal"]), xs, dy)
         exp = ref(lambda a, b, c: memsizer_ref(a, b, c, p["causal"]), xs, dy)
         path = "triton"
-        for grp, kerns in chunk.GROUPS.items():
-            cfg = fit.fit_chunk(kerns, k, d, dt.itemsize, smem, BT=(64, 32))
-            est.update({kn: fit.chunk_smem(kn, cfg["BT"], cfg["BK"], cfg["BV"], dt.itemsize, cfg["stages"])
-                        for kn in kerns})
+        chunk_estimates(est, B, 1, k, d, T, dt.itemsize, smem)
     elif op == "topk":
         H, dh, kk = 2, p["dh"], p["k"]
         xs, dy = [rnd(B, H, T, dh) for _ in range(3)], rnd(B, H, T, dh)
@@ -174,7 +181,10 @@ def main():
     ap.add_argument("--budget-s", type=float, default=330)
     ap.add_argument("--ops", nargs="+", help="only these ops (linear, memsizer, topk, linear_step, memsizer_step)")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    ap.add_argument("--config", default="{}", help="JSON overrides of the chunk kernels' CONFIG, e.g. "
+                    '\'{"serial_programs": 1}\' to send every causal case through the serial state pass')
     args = ap.parse_args()
+    os.environ["FIT_CONFIG"] = args.config  # the spawned workers apply it
     os.makedirs(args.out, exist_ok=True)
     todo = [c for c in cases() if (not args.ops or c[0] in args.ops) and c[1]["dt"] in args.dtypes]
     # slow compiles (top-k, float32) spread over the workers

@@ -10,7 +10,7 @@ import triton  # noqa: E402
 import attnlab.kernels.linear_attn.chunk as chunk  # noqa: E402
 import attnlab.kernels.linear_attn.function as function  # noqa: E402
 import attnlab.kernels.linear_attn.recurrent as recurrent  # noqa: E402
-from kernel_utils import TOL, rel  # noqa: E402
+from kernel_utils import TOL, rel, run_id, serial_mode  # noqa: E402
 from attnlab.kernels.linear_attn.reference import exclusive_scan_ref, linear_attention_ref, \
     linear_attention_step_ref  # noqa: E402
 
@@ -22,7 +22,8 @@ def padding(B, S, g):
     return m
 
 
-# (causal, B, H, T, S, d, dv, dtype, mask, causal runs per sequence (CONFIG["programs"]))
+# (causal, B, H, T, S, d, dv, dtype, mask, causal runs per sequence (CONFIG["programs"]) or "serial" / "serial32":
+# one run per chunk, the states from the serial pass (_prefix_kernel), its state tiles at most 64 / 32 wide)
 CASES = [
     (True, 2, 2, 63, 63, 8, 24, torch.float32, True, 0),
     (True, 1, 2, 129, 129, 16, 40, torch.bfloat16, True, 0),
@@ -30,6 +31,10 @@ CASES = [
     (True, 1, 2, 257, 257, 8, 16, torch.float32, True, 6),      # runs of 2, 2 and 1 chunks: states carried too
     (True, 2, 1, 65, 65, 64, 80, torch.float32, True, 0),       # two dv-tiles: dq/dk partials, dden outside
     (True, 2, 1, 1, 1, 4, 4, torch.float16, False, 0),
+    (True, 1, 2, 129, 129, 16, 40, torch.bfloat16, True, "serial"),  # bf16 states; dden in the serial pass
+    (True, 2, 1, 200, 200, 64, 80, torch.float32, True, "serial32"),  # 2 x 3 state tiles; dden outside
+    (True, 1, 2, 192, 192, 64, 64, torch.bfloat16, True, "serial32"),  # 2 x 2 bf16 state tiles, one dv-tile
+    (True, 2, 1, 130, 130, 8, 16, torch.float16, False, "serial"),
     (False, 2, 2, 63, 129, 8, 24, torch.bfloat16, True, 0),
     (False, 1, 1, 1, 63, 16, 16, torch.float32, False, 0),
     (False, 2, 1, 40, 70, 64, 80, torch.float16, True, 0),
@@ -37,9 +42,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'causal' if c[0] else 'bidir'}-T{c[3]}-S{c[4]}-d{c[5]}-"
-                         f"dv{c[6]}-{str(c[7])[6:]}{'-mask' if c[8] else ''}{'-runs' if c[9] else ''}")
+                         f"dv{c[6]}-{str(c[7])[6:]}{'-mask' if c[8] else ''}{run_id(c[9])}")
 def test_linear_attention_matches_reference(case, poison, monkeypatch):
     causal, B, H, T, S, d, dv, dt, use_mask, programs = case
+    serial, programs, passes = serial_mode(monkeypatch, programs)
     monkeypatch.setitem(chunk.CONFIG, "programs", programs)
     monkeypatch.setitem(chunk.CONFIG, "run_min_chunks", 0 if programs else 10 ** 9)  # runs only when asked
     monkeypatch.setitem(chunk.CONFIG, "one_chunk_runs", 0)  # as many as "programs" asks (tested below)
@@ -56,6 +62,7 @@ def test_linear_attention_matches_reference(case, poison, monkeypatch):
     assert y.dtype == dt and y.shape == (B, H, T, dv)
     assert rel(y, y64) < TOL[dt], rel(y, y64)
     names = ("dq", "dk", "dv") if not (causal and T == 1) else ("dv",)  # T=1 causal: dq, dk ~ eps, pure rounding
+    assert passes == ([False, True] if serial else []), passes  # forward and backward passes, only when asked
     for name, a, b in zip(("dq", "dk", "dv"), grads, g64):
         if name in names:
             assert torch.isfinite(a).all(), name
@@ -73,6 +80,18 @@ def test_run_split_rules():
     assert chunk._splits(8, 16, 1, 256 * 64, False, 64) == triton.cdiv(4 * 132, 128)  # bidirectional: partial sums
     assert not chunk._carry(True, 64, 64 * 64, 64) and chunk._carry(True, 17, 256 * 64, 64)
     assert chunk._carry(False, 64, 64 * 64, 64)
+    # the serial state pass: enough (b, h, state tile) programs, narrowing the tiles to get there; else runs + scan
+    smem = 232448
+    assert chunk._serial_tiles(8, 16, 64, 64, 1024, 64, 2, smem) == (64, 64)  # 128 programs
+    assert chunk._serial_tiles(4, 8, 64, 64, 4096, 64, 2, smem) == (32, 32)  # 32 heads x 4 tiles
+    assert chunk._serial_tiles(1, 8, 64, 64, 16384, 64, 2, smem) is None  # 32 programs at most: runs + scan
+    assert chunk._serial_tiles(8, 16, 64, 64, 64, 64, 2, smem) is None  # one chunk: nothing to pass on
+    assert chunk._serial_tiles(4, 8, 64, 64, 4096, 64, 4, smem) == (32, 32)  # float32 could go to 16, need not
+    assert chunk._serial_tiles(2, 8, 64, 64, 4096, 64, 4, smem) == (32, 16)
+    assert chunk._serial_tiles(8, 16, 64, 64, 4096, 64, 4, 100000) == (64, 32)  # two stages must fit
+    q = torch.empty(16, 8, 1024, 64, dtype=torch.bfloat16)
+    assert chunk._plan(16, 8, 64, 64, 1, 1024, True, 64, q) == (16, (64, 64))
+    assert chunk._plan(16, 8, 64, 64, 1, 1024, False, 64, q)[1] is None  # bidirectional: partial sums
 
 
 @pytest.mark.parametrize("ns", [1, 2, 17, 64, 130])
@@ -178,7 +197,7 @@ def test_custom_op_passes_opcheck():
     try:
         chunk.CONFIG.update(BT=64, programs=4, run_min_chunks=0, one_chunk_runs=0)
         q2, k2, v2 = (torch.randn(1, 2, 130, 8, generator=g, requires_grad=True) for _ in range(3))
-        assert chunk.fwd_runs(q2, k2, v2, True) == 2
+        assert chunk.fwd_runs(q2, k2, v2, True) == (2, torch.float32)
         torch.library.opcheck(function.linear_attn_fwd, (q2, k2, v2, None, True, 1e-6, True),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     finally:

@@ -9,7 +9,7 @@ pytest.importorskip("numpy")
 import attnlab.kernels.linear_attn.chunk as chunk  # noqa: E402
 import attnlab.kernels.memsizer.function as function  # noqa: E402
 import attnlab.kernels.memsizer.recurrent as ms_recurrent  # noqa: E402
-from kernel_utils import TOL, rel  # noqa: E402
+from kernel_utils import TOL, rel, run_id, serial_mode  # noqa: E402
 from attnlab.kernels.memsizer.reference import memsizer_ref, memsizer_step_ref  # noqa: E402
 
 
@@ -25,6 +25,8 @@ CASES = [
     (True, 2, 63, 63, 4, 40, torch.float32, True, 0),
     (True, 2, 129, 129, 8, 300, torch.bfloat16, True, 0),    # d = 300: two dv-tiles, dp/da partials
     (True, 2, 129, 129, 32, 24, torch.float32, True, 64),    # split into runs
+    (True, 2, 129, 129, 32, 24, torch.float32, True, "serial"),  # the serial state pass, no normalizer
+    (True, 1, 192, 192, 8, 80, torch.bfloat16, True, "serial32"),  # bf16 states, 3 dv-tiles of the pass
     (True, 1, 1, 1, 4, 20, torch.float16, False, 0),
     (False, 2, 63, 129, 16, 48, torch.bfloat16, True, 0),
     (False, 2, 1, 70, 4, 20, torch.float32, True, 0),
@@ -32,9 +34,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'causal' if c[0] else 'bidir'}-T{c[2]}-S{c[3]}-k{c[4]}-"
-                         f"d{c[5]}-{str(c[6])[6:]}{'-mask' if c[7] else ''}{'-runs' if c[8] else ''}")
+                         f"d{c[5]}-{str(c[6])[6:]}{'-mask' if c[7] else ''}{run_id(c[8])}")
 def test_memsizer_matches_reference(case, poison, monkeypatch):
     causal, B, T, S, k, d, dt, use_mask, programs = case
+    serial, programs, passes = serial_mode(monkeypatch, programs)
     monkeypatch.setitem(chunk.CONFIG, "programs", programs)
     monkeypatch.setitem(chunk.CONFIG, "run_min_chunks", 0 if programs else 10 ** 9)  # runs only when asked
     monkeypatch.setitem(chunk.CONFIG, "one_chunk_runs", 0)  # as many as "programs" asks (tested below)
@@ -51,6 +54,7 @@ def test_memsizer_matches_reference(case, poison, monkeypatch):
     y64 = memsizer_ref(*x64, causal, key_padding_mask=mask)
     assert y.dtype == dt and y.shape == (B, T, d)
     assert rel(y, y64) < TOL[dt], rel(y, y64)
+    assert passes == ([False, True] if serial else []), passes
     for name, a, b in zip(("dp", "da", "dv"), grads, torch.autograd.grad(y64, x64, dy.double())):
         assert rel(a, b) < TOL[dt], (name, rel(a, b))
 

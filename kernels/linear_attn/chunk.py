@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fit import NoFit, fit_chunk, is_oor, smem_limit
+from ..fit import MIN_BK, NoFit, _p2, chunk_smem, fit_chunk, is_oor, smem_limit
 
 # Picked on an H100 by bench/check_kernels_gpu.py (numbers in kernels/NOTES.md). BV: the dv-tile, at least "BV"
 # and up to "state" / BK (a narrow d, MemSizer's k slots, gets a wider tile, so fewer dq/dk partials). Causal runs:
@@ -44,8 +44,12 @@ from ..fit import NoFit, fit_chunk, is_oor, smem_limit
 # "one_chunk_runs": a split sequence of at most this many chunks gets one run per chunk: the kernels then carry no
 # state (CARRY) and run fully parallel (linear attention 1.15 -> 1.08 ms, MemSizer 0.55 -> 0.46 ms fwd+bwd at
 # B=8, H=16, T=4096; at 128 chunks and more the run-state traffic costs more than it saves; session 5 in NOTES.md).
+# "serial_programs": a causal sequence of one chunk per run takes its chunk states from one serial pass per
+# (batch, head, state tile) (_prefix_kernel) instead of per-run sums and a scan, where at least this many of those
+# programs run; "serial_tile": their widest state tile (narrower tiles where that gives more programs).
 CONFIG = {"BT": 64, "BV": 64, "state": 4096, "fwd_warps": 4, "bwd_warps": 8, "stages": 2,
-          "programs": 2112, "run_min_chunks": 32, "run_bwd_warps": 4, "fill": 128, "one_chunk_runs": 64}
+          "programs": 2112, "run_min_chunks": 32, "run_bwd_warps": 4, "fill": 128, "one_chunk_runs": 64,
+          "serial_programs": 128, "serial_tile": 64, "serial_warps": 4, "serial_stages": 3}
 GROUPS = {"fwd": ("state", "fwd"), "bwd": ("bwd_q", "bwd_kv")}  # kernels launched together share one dv-tile
 
 
@@ -163,6 +167,68 @@ def _state_kernel(K, V, M, SO, ZO, T, H, skb, skh, skt, svb, svh, svt, smb,
 
 
 @triton.jit
+def _prefix_kernel(X, Y, O, R, DD, M, SO, ZO, T, H, sxb, sxh, sxt, syb, syh, syt, sob, soh, sot, smb,
+                   DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   NVT: tl.constexpr, REVERSE: tl.constexpr, ELU1: tl.constexpr, HAS_MASK: tl.constexpr,
+                   ROW_SCALE: tl.constexpr, WEIGHT: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+    """The state each chunk starts from, for chunk-parallel kernels (one run per chunk), in one serial pass per
+    (b, h, BK x BV state tile; NVT tiles across dv), as fla's chunk_fwd_h: SO[c] = sum over the chunks before c
+    (REVERSE: after c) of phi(X_j)^T (s_j Y_j) and ZO[c] = the sum of w_j phi(X_j), summed in float32 registers and
+    stored in SO's dtype (bf16 where the consumer rounds the state to bf16 for its dot anyway).
+    Forward: X = k (padding keys zeroed), Y = v, s = w = 1 (WEIGHT 0). Backward, REVERSE: X = q, Y = dy, s = r
+    (ROW_SCALE) and w = dden, read from DD (WEIGHT 1) or computed here as -r (dy . y) from the whole dv row and
+    stored to DD (2), or w = 0 (3: no normalizer)."""
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    pk, pv = pid // NVT, pid % NVT
+    b, h = bh // H, bh % H
+    nbh = tl.num_programs(1)
+    ck, cv, ti = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV), tl.arange(0, BT)
+    mkc, mvc = ck < DK, cv < DV
+    X += b.to(tl.int64) * sxb + h * sxh
+    Y += b.to(tl.int64) * syb + h * syh
+    O += b.to(tl.int64) * sob + h * soh
+    R += bh.to(tl.int64) * T
+    DD += bh.to(tl.int64) * T
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    NC = tl.cdiv(T, BT)
+    for i in range(NC):
+        if REVERSE:
+            c = NC - 1 - i
+        else:
+            c = i
+        base = (c * nbh + bh).to(tl.int64)
+        tl.store(SO + base * DK * DV + ck[:, None] * DV + cv[None, :], S.to(SO.dtype.element_ty),
+                 mask=mkc[:, None] & mvc[None, :])
+        if pv == 0:
+            tl.store(ZO + base * DK + ck, z, mask=mkc)
+        cb = c * BT  # offsets inside one (b, h) slice are int32 (the launcher checks they fit)
+        rows = cb + ti
+        rmask = rows < T
+        mT = mkc[:, None] & _keep(M, b, smb, rows, T, HAS_MASK)[None, :]
+        xT = _cast(_feat(tl.load(X + cb * sxt + ti[None, :] * sxt + ck[:, None], mask=mT, other=0.0)
+                         .to(tl.float32), mT, ELU1), LOWP)
+        my = rmask[:, None] & mvc[None, :]
+        y = tl.load(Y + cb * syt + ti[:, None] * syt + cv[None, :], mask=my, other=0.0).to(tl.float32)
+        if ROW_SCALE:
+            r = tl.load(R + rows, mask=rmask, other=0.0)
+        if WEIGHT == 2:
+            w = -r * tl.sum(y * tl.load(O + cb * sot + ti[:, None] * sot + cv[None, :], mask=my, other=0.0)
+                            .to(tl.float32), 1)
+            if pid == 0:
+                tl.store(DD + rows, w, mask=rmask)
+        elif WEIGHT == 1:
+            w = tl.load(DD + rows, mask=rmask, other=0.0)
+        if ROW_SCALE:
+            y = y * r[:, None]
+        S += tl.dot(xT, _cast(y, LOWP), input_precision=PREC)
+        if WEIGHT == 0:
+            z += tl.sum(xT.to(tl.float32), 1)
+        elif WEIGHT != 3:
+            z += tl.sum(xT.to(tl.float32) * w[None, :], 1)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, S0, Z0, R, M, T, H, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb,
                 s0s, z0s, eps,
                 DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -183,7 +249,7 @@ def _fwd_kernel(Q, K, V, O, S0, Z0, R, M, T, H, sqb, sqh, sqt, skb, skh, skt, sv
     R += bh.to(tl.int64) * T
     if HAS_S0:
         S = tl.load(S0 + pid_s * s0s + bh.to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :],
-                    mask=mkc[:, None] & mvc[None, :], other=0.0)
+                    mask=mkc[:, None] & mvc[None, :], other=0.0).to(tl.float32)
         z = tl.load(Z0 + pid_s * z0s + bh.to(tl.int64) * DK + ck, mask=mkc, other=0.0)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -252,7 +318,7 @@ def _bwd_q_kernel(Q, K, V, O, DO, DQ, S0, Z0, R, DD, RO, WO, M, T, H,
     first = pid_v == 0  # the dden terms do not depend on the dv-tile: one tile adds them
     if HAS_S0:
         St = tl.load(S0 + pid_s * s0s + bh.to(tl.int64) * DK * DV + ck[None, :] * DV + cv[:, None],
-                     mask=mkc[None, :] & mvc[:, None], other=0.0)
+                     mask=mkc[None, :] & mvc[:, None], other=0.0).to(tl.float32)
         z = tl.load(Z0 + pid_s * z0s + bh.to(tl.int64) * DK + ck, mask=mkc, other=0.0)
     else:
         St = tl.zeros([BV, BK], dtype=tl.float32)
@@ -342,7 +408,7 @@ def _bwd_kv_kernel(Q, K, V, DO, DK_, DV_, R0, W0, R, DD, M, T, TQ, H,
     first = pid_v == 0
     if HAS_R0:
         Rs = tl.load(R0 + pid_s * r0s + bh.to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :],
-                     mask=mkc[:, None] & mvc[None, :], other=0.0)
+                     mask=mkc[:, None] & mvc[None, :], other=0.0).to(tl.float32)
         w = tl.load(W0 + pid_s * w0s + bh.to(tl.int64) * DK + ck, mask=mkc, other=0.0)
         w = tl.where(first, w, 0.0)
     else:
@@ -417,18 +483,18 @@ def _fit(q, DK, DV, group, warps):
     return fit_chunk(GROUPS[group], DK, DV, q.element_size(), smem, BT=(bt,), bv_cap=_BV_CAP.get(key), **opts), key
 
 
-def fwd_runs(q, k, v, causal) -> int:
-    """How many start states chunk_fwd returns in S0 / z0 (0: none): for fake tensors (torch.compile) without
-    launching anything. Mirrors chunk_fwd. (int(): under dynamic shapes the count depends on the sizes, so the
-    compiled graph specializes on them.)"""
+def fwd_runs(q, k, v, causal) -> tuple[int, torch.dtype]:
+    """How many start states chunk_fwd returns in S0 / z0 (0: none), and S0's dtype: for fake tensors
+    (torch.compile) without launching anything. Mirrors chunk_fwd. (int(): under dynamic shapes the count depends
+    on the sizes, so the compiled graph specializes on them.)"""
     B, H, T, DK = (int(n) for n in q.shape)
     DV = int(v.shape[3])
     if DK > 256:
         raise NoFit(f"linear attention kernel: head dim d={DK} > 256 is not supported; use backend='torch'")
     cfg, _ = _fit(q, DK, DV, "fwd", CONFIG["fwd_warps"])
-    NV = triton.cdiv(DV, cfg["BV"])
-    ns = _splits(B, H, NV, T, causal, cfg["BT"])
-    return 1 if not causal else (ns if ns > 1 else 0)
+    ns, _ = _plan(B, H, DK, DV, triton.cdiv(DV, cfg["BV"]), T, causal, cfg["BT"], q)
+    n = 1 if not causal else (ns if ns > 1 else 0)
+    return n, _state_dtype(q, causal and ns == triton.cdiv(T, cfg["BT"]))
 
 
 def _meta(q, k, v, mask, group, warps):
@@ -492,27 +558,80 @@ def _splits(B, H, NV, n_rows, causal, BT):
     return max(1, min(chunks, triton.cdiv(target, B * H * NV)))
 
 
+def _serial_tiles(B, H, DK, DV, n_rows, BT, in_bytes, smem):
+    """(BK, BV): the state tiles of _prefix_kernel, narrowed (not below what 16-bit dots allow, kernels/fit.py)
+    until about CONFIG["serial_programs"] (b, h, tile) programs run and two pipeline stages fit ``smem``; None where
+    even the narrowest give fewer programs: there a serial pass over all chunks would leave most of the GPU idle,
+    and runs with a scan are faster."""
+    if triton.cdiv(n_rows, BT) < 2:
+        return None
+    lo, cap, want = MIN_BK.get(in_bytes, 16), CONFIG["serial_tile"], CONFIG["serial_programs"]
+    bk, bv = max(lo, min(cap, _p2(DK))), max(lo, min(cap, _p2(DV)))
+
+    def programs():
+        return B * H * triton.cdiv(DK, bk) * triton.cdiv(DV, bv)
+    while (programs() < want or chunk_smem("prefix", BT, bk, bv, in_bytes, 2) > smem) and max(bk, bv) > lo:
+        if bv >= bk:
+            bv //= 2
+        else:
+            bk //= 2
+    return (bk, bv) if programs() >= want and chunk_smem("prefix", BT, bk, bv, in_bytes, 2) <= smem else None
+
+
+def _plan(B, H, DK, DV, NV, n_rows, causal, BT, x):
+    """(runs per (b, h, dv-tile), the serial pass's state tiles or None) for inputs like x: a causal sequence with
+    enough heads gets one run per chunk, their start states from _prefix_kernel; otherwise _splits decides and a
+    scan sums runs."""
+    tiles = _serial_tiles(B, H, DK, DV, n_rows, BT, x.element_size(), smem_limit(x.device)) if causal else None
+    return (triton.cdiv(n_rows, BT), tiles) if tiles else (_splits(B, H, NV, n_rows, causal, BT), None)
+
+
+def _state_dtype(q, one_chunk_runs):
+    """dtype of the saved run start states: bf16 for bf16 inputs when every run is one chunk (the kernels then only
+    round a start state to bf16 for their dots, so storing it rounded is exact and halves its traffic); float32
+    where a run adds its chunks to it. The z / w sums stay float32 (d floats per run)."""
+    return torch.bfloat16 if one_chunk_runs and q.dtype == torch.bfloat16 else torch.float32
+
+
 def _carry(causal, runs, n_rows, BT):
     """False when every causal run is one chunk: the kernels then skip updating a state nothing reads again."""
     return not causal or runs < triton.cdiv(n_rows, BT)
 
 
-def exclusive_scan(x, reverse=False):
+def exclusive_scan(x, reverse=False, dtype=torch.float32):
     """Exclusive sum over the runs (dim 0) of a float32 (runs, ...) tensor: the state each run starts from (reverse:
     the backward's key-side runs, summing the later runs). One pass of _scan_kernel (torch's cumsum, flip and cat
     took 0.43 of the 0.77 ms of linear attention fwd+bwd at B=1, H=8, T=16384 on an H200)."""
     ns = x.shape[0]
     n = x[0].numel()
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, device=x.device, dtype=dtype)  # summed in float32 either way
     rb = max(16, min(64, triton.next_power_of_2(ns)))
     _scan_kernel[(triton.cdiv(n, 64),)](x, y, ns, n, REVERSE=reverse, RB=rb, BLOCK=64, num_warps=4)
     return y
 
 
-def _starts(x, causal, reverse=False):
+def _starts(x, causal, reverse=False, dtype=torch.float32):
     """Each run's starting state from the runs' own sums x (runs, ...): causal, the sum of the earlier runs (reverse:
-    of the later ones); bidirectional, one shared total."""
-    return exclusive_scan(x, reverse) if causal else x.sum(0, keepdim=True)
+    of the later ones) in ``dtype``; bidirectional, one shared total."""
+    return exclusive_scan(x, reverse, dtype) if causal else x.sum(0, keepdim=True)
+
+
+def _prefix(x, y, o, r, dd, m, smb, T, B, H, tiles, common, *, reverse, elu1, has_mask, row_scale, weight):
+    """Every chunk's start state (SO, ZO) from one serial pass per (b, h, state tile): see _prefix_kernel."""
+    DK, DV = x.shape[3], y.shape[3]
+    bk, bv = tiles
+    nc, nvt = triton.cdiv(T, common["BT"]), triton.cdiv(DV, bv)
+    SO = torch.empty(nc, B * H, DK, DV, device=x.device, dtype=_state_dtype(x, True))
+    ZO = torch.empty(nc, B * H, DK, device=x.device, dtype=torch.float32)
+    o = o if o is not None else x  # dummy pointers where the constexpr branches read nothing
+    stages, smem = CONFIG["serial_stages"], smem_limit(x.device)
+    while stages > 2 and chunk_smem("prefix", common["BT"], bk, bv, x.element_size(), stages) > smem:
+        stages -= 1
+    _prefix_kernel[(triton.cdiv(DK, bk) * nvt, B * H)](
+        x, y, o, r if r is not None else x, dd, m, SO, ZO, T, H, *x.stride()[:3], *y.stride()[:3], *o.stride()[:3],
+        smb, **{**common, "BK": bk, "BV": bv, "HAS_MASK": has_mask}, NVT=nvt, REVERSE=reverse, ELU1=elu1,
+        ROW_SCALE=row_scale, WEIGHT=weight, num_warps=CONFIG["serial_warps"], num_stages=stages)
+    return SO, ZO
 
 
 @_retry
@@ -532,15 +651,19 @@ def _fwd(q, k, v, causal, elu1, norm, eps, scale, B, H, T, S, DK, DV, NV, m, smb
     dev, f32 = q.device, torch.float32
     o = _bhtd_empty(B, H, T, DV, q)
     r = torch.empty(B * H, T, device=dev, dtype=f32) if norm else scale
-    ns = _splits(B, H, NV, T, causal, common["BT"])
+    ns, tiles = _plan(B, H, DK, DV, NV, T, causal, common["BT"], q)
     S0 = z0 = None
-    if not causal or ns > 1:
+    if tiles:
+        S0, z0 = _prefix(k, v, None, None, k, m, smb, T, B, H, tiles, common, reverse=False, elu1=elu1,
+                         has_mask=common["HAS_MASK"], row_scale=False, weight=0)
+    elif not causal or ns > 1:
         nk = ns if causal else _splits(B, H, NV, S, False, common["BT"])
         Sp = torch.empty(nk, B * H, DK, DV, device=dev, dtype=f32)
         zp = torch.empty(nk, B * H, DK, device=dev, dtype=f32)
         _state_kernel[(NV, B * H, nk)](k, v, m, Sp, zp, S, H, *k.stride()[:3], *v.stride()[:3], smb,
                                        ELU1=elu1, **common, **opts)
-        S0, z0 = _starts(Sp, causal), _starts(zp, causal)
+        S0 = _starts(Sp, causal, dtype=_state_dtype(q, causal and ns == triton.cdiv(T, common["BT"])))
+        z0 = _starts(zp, causal)
     run = S0 is not None and S0.shape[0] > 1  # per-run start states; else one shared (or none)
     _fwd_kernel[(NV, B * H, ns)](q, k, v, o, q if S0 is None else S0, q if z0 is None else z0,
                                  q if r is None else r, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -573,19 +696,29 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
     gq = (0, *dq.stride()[:3]) if NV == 1 else dq.stride()[:4]
     gk = (0, *dk.stride()[:3]) if NV == 1 else dk.stride()[:4]
     dd = torch.empty(B * H, T, device=dev, dtype=f32) if norm else q  # dden = -r (dy . y)
-    inline = norm and NV == 1
-    if norm and not inline:  # several dv-tiles: the row dot product needs the whole row, so do it here
-        dd.copy_((-(r.view(B, H, T) * (do.float() * o.float()).sum(-1))).reshape(B * H, T))
     # runs: causal must reuse the forward's (S0 holds their start states); bidirectional picks its own
     ns_q = (S0.shape[0] if S0 is not None else 1) if causal else _splits(B, H, NV, T, False, common["BT"])
     run = causal and ns_q > 1
-    acc_r = not causal or run
+    nc = triton.cdiv(T, common["BT"])
+    tiles = _serial_tiles(B, H, DK, DV, T, common["BT"], q.element_size(), smem_limit(q.device)) \
+        if run and ns_q == nc else None
+    # dden = -r (dy . y) needs whole rows of dy and y: computed by the first kernel that holds them (the serial
+    # pass, else the query-side kernel) when one tile covers dv, else here
+    pre_inline = bool(tiles) and norm and tiles[1] >= DV
+    inline = norm and NV == 1 and not tiles
+    if norm and not inline and not pre_inline:
+        dd.copy_((-(r.view(B, H, T) * (do.float() * o.float()).sum(-1))).reshape(B * H, T))
+    acc_r = (not causal or run) and not tiles  # the query-side kernel sums its run's R, w for a scan
     Rp = Wp = q
     if acc_r:
         Rp = torch.empty(ns_q, B * H, DK, DV, device=dev, dtype=f32)
         Wp = torch.zeros(ns_q, B * H, DK, device=dev, dtype=f32)  # zeros: without NORM nothing is written
     rr = r if r is not None else q
     o_ = o if o is not None else q
+    R0 = W0 = q
+    if tiles:  # every chunk's suffix state R, w, before the query-side kernel (which reads dden from dd)
+        R0, W0 = _prefix(q, do, o_, rr, dd, m, smb, T, B, H, tiles, common, reverse=True, elu1=elu1,
+                         has_mask=False, row_scale=norm or scale, weight=2 if pre_inline else 1 if norm else 3)
     _bwd_q_kernel[(NV, B * H, ns_q)](q, k, v, o_, do, dq, q if S0 is None else S0, q if z0 is None else z0,
                                      rr, dd, Rp, Wp, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                      *o_.stride()[:3], *do.stride()[:3], *gq, smb,
@@ -593,14 +726,14 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
                                      CAUSAL=causal, HAS_S0=S0 is not None, ACC_R=acc_r, ELU1=elu1, NORM=norm,
                                      SCALE=scale, DDEN_INLINE=inline, CARRY=_carry(causal, ns_q, T, common["BT"]),
                                      **common, **opts)
-    R0 = W0 = q
     if acc_r:
-        R0, W0 = _starts(Rp, causal, reverse=True), _starts(Wp, causal, reverse=True)
+        R0 = _starts(Rp, causal, reverse=True, dtype=_state_dtype(q, causal and ns_q == nc))
+        W0 = _starts(Wp, causal, reverse=True)
     ns_k = ns_q if causal else _splits(B, H, NV, S, False, common["BT"])
     _bwd_kv_kernel[(NV, B * H, ns_k)](q, k, v, do, dk, dv, R0, W0, rr, dd, m, S, T, H, *q.stride()[:3],
                                       *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gk, *dv.stride()[:3], smb,
                                       R0.stride(0) if run else 0, W0.stride(0) if run else 0,
-                                      CAUSAL=causal, HAS_R0=acc_r, ELU1=elu1, NORM=norm, SCALE=scale,
+                                      CAUSAL=causal, HAS_R0=acc_r or bool(tiles), ELU1=elu1, NORM=norm, SCALE=scale,
                                       CARRY=_carry(causal, ns_k, S, common["BT"]), **common, **opts)
     if NV > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)

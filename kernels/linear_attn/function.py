@@ -37,10 +37,10 @@ def _(q, k, v, mask, causal, eps, elu1):
     DV = v.shape[3]
     o = q.new_empty(B, T, H, DV).transpose(1, 2)  # chunk_fwd's layout: merge_heads is free
     r = q.new_empty(B * H, T, dtype=torch.float32)
-    n = fwd_runs(q, k, v, causal)
+    n, sdt = fwd_runs(q, k, v, causal)
     if n == 0:
         return o, r, r.new_empty(0), r.new_empty(0)
-    return o, r, r.new_empty(n, B * H, DK, DV), r.new_empty(n, B * H, DK)
+    return o, r, r.new_empty(n, B * H, DK, DV, dtype=sdt), r.new_empty(n, B * H, DK)
 
 
 def _linear_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,

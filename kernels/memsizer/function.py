@@ -48,10 +48,10 @@ def _(p, a, v, mask, causal):
     d = v.shape[2]
     o = p.new_empty(B, T, d)
     r = p.new_empty(B, T, dtype=torch.float32)
-    n = fwd_runs(p.unsqueeze(1), a.unsqueeze(1), v.unsqueeze(1), causal)
+    n, sdt = fwd_runs(p.unsqueeze(1), a.unsqueeze(1), v.unsqueeze(1), causal)
     if n == 0:
         return o, r, r.new_empty(0), r.new_empty(0)
-    return o, r, r.new_empty(n, B, k, d), r.new_empty(n, B, k)
+    return o, r, r.new_empty(n, B, k, d, dtype=sdt), r.new_empty(n, B, k)
 
 
 def _memsizer_bwd(p: torch.Tensor, a: torch.Tensor, v: torch.Tensor, do: torch.Tensor, r: torch.Tensor,
