@@ -81,6 +81,9 @@ def chunk_tiles(kernel: str, BT: int, BK: int, BV: int) -> list[tuple[int, int, 
     if kernel == "bwd_kv":  # k, v, q, do loads; R, R^T, A^T, G^T operands; dk, dv
         return [(BT, BK, "load"), (BT, BV, "load"), (BT, BK, "load"), (BT, BV, "load"),
                 (BK, BV, "dot"), (BV, BK, "dot"), (BT, BT, "dot"), (BT, BT, "dot"), (BT, BV, "f32")]
+    if kernel == "bwd_chunk":  # q, k, v, do loads; S^T, R, A^T, G operands; dq, dk, dv
+        return [(BT, BK, "load"), (BT, BK, "load"), (BT, BV, "load"), (BT, BV, "load"),
+                (BK, BV, "dot"), (BK, BV, "dot"), (BT, BT, "dot"), (BT, BT, "dot"), (BT, BV, "f32")]
     raise ValueError(f"unknown chunk kernel {kernel!r}")
 
 

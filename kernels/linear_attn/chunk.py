@@ -49,8 +49,8 @@ from ..fit import MIN_BK, NoFit, _p2, chunk_smem, fit_chunk, is_oor, smem_limit
 # programs run; "serial_tile": their widest state tile (narrower tiles where that gives more programs).
 CONFIG = {"BT": 64, "BV": 64, "state": 4096, "fwd_warps": 4, "bwd_warps": 8, "stages": 2,
           "programs": 2112, "run_min_chunks": 32, "run_bwd_warps": 4, "fill": 128, "one_chunk_runs": 64,
-          "serial_programs": 128, "serial_tile": 64, "serial_warps": 4, "serial_stages": 3}
-GROUPS = {"fwd": ("state", "fwd"), "bwd": ("bwd_q", "bwd_kv")}  # kernels launched together share one dv-tile
+          "serial_programs": 128, "serial_tile": 64, "serial_warps": 4, "serial_stages": 3, "chunk_bwd_warps": 8}
+GROUPS = {"fwd": ("state", "fwd"), "bwd": ("bwd_q", "bwd_kv", "bwd_chunk")}  # kernels launched together share one dv-tile
 
 
 @triton.jit
@@ -455,6 +455,90 @@ def _bwd_kv_kernel(Q, K, V, DO, DK_, DV_, R0, W0, R, DD, M, T, TQ, H,
         tl.store(DV_ + cb * sut + ti[:, None] * sut + cv[None, :], dv.to(DV_.dtype.element_ty), mask=mv)
 
 
+@triton.jit
+def _bwd_chunk_kernel(Q, K, V, DO, DQ, DK_, DV_, S0, Z0, R0, W0, R, DD, M, T, H,
+                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgv, sgb, sgh, sgt,
+                      shv, shb, shh, sht, sub, suh, sut, smb,
+                      DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      ELU1: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
+                      LOWP: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk, dv of one causal chunk at once, given its prefix state S0, z0[c] and suffix state R0, W0[c] (the
+    serial passes), dden in DD: the scores A and G are made once and used both ways (the query-side and key-side
+    kernels each remade them and reloaded q, k, v, dy). dq / dk are dv-tile partials at DQ / DK_ + pid_v * sgv /
+    shv, as in _bwd_q_kernel / _bwd_kv_kernel; the formulas are theirs."""
+    pid_v, bh, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    ck, cv, ti = tl.arange(0, BK), pid_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    mkc, mvc = _lt(ck, DK, BK), _lt(cv, DV, BV)
+    cb = c * BT  # offsets inside one (b, h) slice are int32 (the launcher checks they fit)
+    rows = cb + ti
+    rmask = rows < T
+    first = pid_v == 0  # the dden terms do not depend on the dv-tile: one tile adds them
+    Q += b.to(tl.int64) * sqb + h * sqh + cb * sqt
+    K += b.to(tl.int64) * skb + h * skh + cb * skt
+    V += b.to(tl.int64) * svb + h * svh + cb * svt
+    DO += b.to(tl.int64) * sdb + h * sdh + cb * sdt
+    st = (c * tl.num_programs(1) + bh).to(tl.int64)
+    S = tl.load(S0 + st * DK * DV + ck[:, None] * DV + cv[None, :], mask=mkc[:, None] & mvc[None, :], other=0.0)
+    Rs = tl.load(R0 + st * DK * DV + ck[:, None] * DV + cv[None, :], mask=mkc[:, None] & mvc[None, :], other=0.0)
+    mq = rmask[:, None] & mkc[None, :]
+    keep = _keep(M, b, smb, rows, T, HAS_MASK)
+    mk = keep[:, None] & mkc[None, :]
+    mv = rmask[:, None] & mvc[None, :]
+    qraw = tl.load(Q + ti[:, None] * sqt + ck[None, :], mask=mq, other=0.0).to(tl.float32)
+    kraw = tl.load(K + ti[:, None] * skt + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+    qc, kc = _cast(_feat(qraw, mq, ELU1), LOWP), _cast(_feat(kraw, mk, ELU1), LOWP)
+    vc = _cast(tl.load(V + ti[:, None] * svt + cv[None, :], mask=mv, other=0.0), LOWP)
+    dnum = tl.load(DO + ti[:, None] * sdt + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+    if NORM or SCALE:
+        r = tl.load(R + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
+        dnum = dnum * r[:, None]
+    dnc = _cast(dnum, LOWP)
+    causal = rows[:, None] >= rows[None, :]  # query t (row) sees key j (column)
+    A = _cast(tl.where(causal, tl.dot(qc, tl.trans(kc), input_precision=PREC), 0.0), LOWP)
+    G = tl.dot(dnc, tl.trans(vc), input_precision=PREC)
+    dq = tl.dot(dnc, tl.trans(_cast(S, LOWP)), input_precision=PREC)
+    dk = tl.dot(vc, tl.trans(_cast(Rs, LOWP)), input_precision=PREC)
+    if NORM:
+        dden = tl.where(first, tl.load(DD + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0), 0.0)
+        z = tl.load(Z0 + st * DK + ck, mask=mkc, other=0.0)
+        w = tl.where(first, tl.load(W0 + st * DK + ck, mask=mkc, other=0.0), 0.0)
+        G += dden[:, None]
+        dq += dden[:, None] * z[None, :]
+        dk += w[None, :]
+    G = _cast(tl.where(causal, G, 0.0), LOWP)
+    dq += tl.dot(G, kc, input_precision=PREC)
+    dk += tl.dot(tl.trans(G), qc, input_precision=PREC)
+    dv = tl.dot(kc, _cast(Rs, LOWP), input_precision=PREC) + tl.dot(tl.trans(A), dnc, input_precision=PREC)
+    dq = _dfeat(dq, qraw, ELU1)
+    dk = tl.where(mk, _dfeat(dk, kraw, ELU1), 0.0)
+    DQ += pid_v.to(tl.int64) * sgv + b.to(tl.int64) * sgb + h * sgh + cb * sgt
+    DK_ += pid_v.to(tl.int64) * shv + b.to(tl.int64) * shb + h * shh + cb * sht
+    DV_ += b.to(tl.int64) * sub + h * suh + cb * sut
+    tl.store(DQ + ti[:, None] * sgt + ck[None, :], dq.to(DQ.dtype.element_ty), mask=mq)
+    tl.store(DK_ + ti[:, None] * sht + ck[None, :], dk.to(DK_.dtype.element_ty), mask=rmask[:, None] & mkc[None, :])
+    tl.store(DV_ + ti[:, None] * sut + cv[None, :], dv.to(DV_.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def _dden_kernel(DO, O, R, DD, T, H, sdb, sdh, sdt, sob, soh, sot, DV: tl.constexpr, BT: tl.constexpr,
+                 BV: tl.constexpr):
+    """dden = -r (dy . y) over whole rows of dv (several dv-tiles), float32, for the key-side kernels."""
+    bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = c * BT + tl.arange(0, BT)
+    rmask = rows < T
+    acc = tl.zeros([BT], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        cv = v0 + tl.arange(0, BV)
+        m = rmask[:, None] & (cv < DV)[None, :]
+        do = tl.load(DO + b.to(tl.int64) * sdb + h * sdh + rows[:, None] * sdt + cv[None, :], mask=m, other=0.0)
+        o = tl.load(O + b.to(tl.int64) * sob + h * soh + rows[:, None] * sot + cv[None, :], mask=m, other=0.0)
+        acc += tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    r = tl.load(R + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
+    tl.store(DD + bh.to(tl.int64) * T + rows, -r * acc, mask=rmask)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers. q, k: (B, H, T|S, d) and v: (B, H, S, dv), any strides with a unit last stride.
 
@@ -703,22 +787,38 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
     tiles = _serial_tiles(B, H, DK, DV, T, common["BT"], q.element_size(), smem_limit(q.device)) \
         if run and ns_q == nc else None
     # dden = -r (dy . y) needs whole rows of dy and y: computed by the first kernel that holds them (the serial
-    # pass, else the query-side kernel) when one tile covers dv, else here
+    # pass, else the query-side kernel) when one tile covers dv, else by _dden_kernel
     pre_inline = bool(tiles) and norm and tiles[1] >= DV
     inline = norm and NV == 1 and not tiles
     if norm and not inline and not pre_inline:
-        dd.copy_((-(r.view(B, H, T) * (do.float() * o.float()).sum(-1))).reshape(B * H, T))
-    acc_r = (not causal or run) and not tiles  # the query-side kernel sums its run's R, w for a scan
+        _dden_kernel[(B * H, nc)](do, o, r, dd, T, H, *do.stride()[:3], *o.stride()[:3], DV=DV, BT=common["BT"],
+                                  BV=min(128, max(16, triton.next_power_of_2(DV))), num_warps=4)
+    rr = r if r is not None else q
+    o_ = o if o is not None else q
+    if tiles:  # every chunk's suffix state R, w from a serial pass; then each chunk's dq, dk, dv in one program
+        R0, W0 = _prefix(q, do, o_, rr, dd, m, smb, T, B, H, tiles, common, reverse=True, elu1=elu1,
+                         has_mask=False, row_scale=norm or scale, weight=2 if pre_inline else 1 if norm else 3)
+        _bwd_chunk_kernel[(NV, B * H, nc)](q, k, v, do, dq, dk, dv, S0, z0, R0, W0, rr, dd, m, T, H,
+                                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gq,
+                                           *gk, *dv.stride()[:3], smb, ELU1=elu1, NORM=norm, SCALE=scale, **common,
+                                           num_warps=CONFIG["chunk_bwd_warps"], num_stages=opts["num_stages"])
+    else:
+        acc_r = not causal or run  # the query-side kernel sums its run's R, w for a scan
+        _bwd_runs(q, k, v, o_, do, dq, dk, dv, gq, gk, S0, z0, rr, dd, m, smb, B, H, T, S, DK, DV, NV, ns_q, nc,
+                  run, acc_r, inline, causal, elu1, norm, scale, common, opts)
+    if NV > 1:
+        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
+    return dq, dk, dv
+
+
+def _bwd_runs(q, k, v, o_, do, dq, dk, dv, gq, gk, S0, z0, rr, dd, m, smb, B, H, T, S, DK, DV, NV, ns_q, nc, run,
+              acc_r, inline, causal, elu1, norm, scale, common, opts):
+    """The backward by runs: the query-side kernel (dq; the runs' R, w sums), a scan, the key-side kernel."""
+    dev, f32 = q.device, torch.float32
     Rp = Wp = q
     if acc_r:
         Rp = torch.empty(ns_q, B * H, DK, DV, device=dev, dtype=f32)
         Wp = torch.zeros(ns_q, B * H, DK, device=dev, dtype=f32)  # zeros: without NORM nothing is written
-    rr = r if r is not None else q
-    o_ = o if o is not None else q
-    R0 = W0 = q
-    if tiles:  # every chunk's suffix state R, w, before the query-side kernel (which reads dden from dd)
-        R0, W0 = _prefix(q, do, o_, rr, dd, m, smb, T, B, H, tiles, common, reverse=True, elu1=elu1,
-                         has_mask=False, row_scale=norm or scale, weight=2 if pre_inline else 1 if norm else 3)
     _bwd_q_kernel[(NV, B * H, ns_q)](q, k, v, o_, do, dq, q if S0 is None else S0, q if z0 is None else z0,
                                      rr, dd, Rp, Wp, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                      *o_.stride()[:3], *do.stride()[:3], *gq, smb,
@@ -726,6 +826,7 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
                                      CAUSAL=causal, HAS_S0=S0 is not None, ACC_R=acc_r, ELU1=elu1, NORM=norm,
                                      SCALE=scale, DDEN_INLINE=inline, CARRY=_carry(causal, ns_q, T, common["BT"]),
                                      **common, **opts)
+    R0 = W0 = q
     if acc_r:
         R0 = _starts(Rp, causal, reverse=True, dtype=_state_dtype(q, causal and ns_q == nc))
         W0 = _starts(Wp, causal, reverse=True)
@@ -733,8 +834,5 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
     _bwd_kv_kernel[(NV, B * H, ns_k)](q, k, v, do, dk, dv, R0, W0, rr, dd, m, S, T, H, *q.stride()[:3],
                                       *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gk, *dv.stride()[:3], smb,
                                       R0.stride(0) if run else 0, W0.stride(0) if run else 0,
-                                      CAUSAL=causal, HAS_R0=acc_r or bool(tiles), ELU1=elu1, NORM=norm, SCALE=scale,
+                                      CAUSAL=causal, HAS_R0=acc_r, ELU1=elu1, NORM=norm, SCALE=scale,
                                       CARRY=_carry(causal, ns_k, S, common["BT"]), **common, **opts)
-    if NV > 1:
-        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
-    return dq, dk, dv
