@@ -18,7 +18,15 @@ dnum = r dy and dden = -r (dy . y):
     dV_j = sum_{t>=j} (Q_t . K_j) dnum_t
 
 (the query-side kernel also sums each run's R, w, from which the key-side runs get their starting suffix).
-Nothing of size T x T or T x d x dv is stored; the backward recomputes features, scores and scan states.
+
+Two ways to give causal runs their start states. With enough (batch, head) pairs to fill the GPU, every chunk is
+its own run (fully parallel kernels) and one serial pass per (batch, head, state tile) writes each chunk's prefix
+state S, z (forward) and suffix state R, w (backward) as it goes (_prefix_kernel, the design of fla's chunk_fwd_h);
+the backward then makes each chunk's dq, dk, dv in one kernel (_bwd_chunk_kernel). With few heads (long sequences
+at a fixed token count) that pass would run on a handful of SMs, so there runs of chunks each sum their own state
+(_state_kernel; the query-side backward kernel for R, w) and _scan_kernel adds up the runs before them.
+Nothing of size T x T is stored; the backward recomputes features and scores, and saves only the run start
+states of the forward (one d x dv tile per run and head; bf16 where the kernels round them to bf16 anyway).
 dv is tiled (BV); dq/dk of several dv-tiles are float32 partials summed afterwards. Dot operands are bf16 for
 bf16 inputs and float32 otherwise (tf32 for fp16, whose range is too small for the long-context state and for
 dnum ~ 1/t; exact fp32 for fp32 inputs); accumulation is always float32.
@@ -44,9 +52,12 @@ from ..fit import MIN_BK, NoFit, _p2, chunk_smem, fit_chunk, is_oor, smem_limit
 # "one_chunk_runs": a split sequence of at most this many chunks gets one run per chunk: the kernels then carry no
 # state (CARRY) and run fully parallel (linear attention 1.15 -> 1.08 ms, MemSizer 0.55 -> 0.46 ms fwd+bwd at
 # B=8, H=16, T=4096; at 128 chunks and more the run-state traffic costs more than it saves; session 5 in NOTES.md).
-# "serial_programs": a causal sequence of one chunk per run takes its chunk states from one serial pass per
+# "serial_programs": a causal sequence takes one run per chunk and its chunk states from one serial pass per
 # (batch, head, state tile) (_prefix_kernel) instead of per-run sums and a scan, where at least this many of those
-# programs run; "serial_tile": their widest state tile (narrower tiles where that gives more programs).
+# programs run; "serial_tile": their widest state tile (narrower tiles where that gives more programs). Picked on
+# an H200 (session 7 in kernels/NOTES.md): at B=8, H=16, T=4096 linear attention fwd+bwd 1.06 -> 0.81 ms, MemSizer
+# 0.45 -> 0.32; at B=1, H=8, T=16384 (32 programs) the scan path stays (serial there: 0.32 -> 0.92 ms).
+# "chunk_bwd_warps": the fused chunk backward (4: 0.31 ms at B=8, H=16, T=4096; 8 warps: 0.52).
 CONFIG = {"BT": 64, "BV": 64, "state": 4096, "fwd_warps": 4, "bwd_warps": 8, "stages": 2,
           "programs": 2112, "run_min_chunks": 32, "run_bwd_warps": 4, "fill": 128, "one_chunk_runs": 64,
           "serial_programs": 128, "serial_tile": 64, "serial_warps": 4, "serial_stages": 3, "chunk_bwd_warps": 4}
@@ -721,8 +732,8 @@ def _prefix(x, y, o, r, dd, m, smb, T, B, H, tiles, common, *, reverse, elu1, ha
 @_retry
 def chunk_fwd(q, k, v, *, causal, elu1, norm, eps=1e-6, scale=None, mask=None):
     """Returns (o, r, S0, z0): o (B, H, T, dv) in q's dtype; r (B*H, T) float32 = 1/(den+eps) when norm (else the
-    given scale, or None); S0, z0 (runs, B*H, d, dv) / (runs, B*H, d) float32 the states each run starts from
-    (bidirectional: one, the total; causal without runs: None), saved for the backward."""
+    given scale, or None); S0, z0 (runs, B*H, d, dv) / (runs, B*H, d) the states each run starts from (bidirectional:
+    one, the total; causal without runs: None), saved for the backward: z0 float32, S0 in _state_dtype."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, T, S, DK, DV, NV, m, smb, common, opts, key = _meta(q, k, v, mask, "fwd", CONFIG["fwd_warps"])
     try:
