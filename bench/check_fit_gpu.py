@@ -80,7 +80,8 @@ def run_case(op, p):
     from attnlab.kernels.topk_attn.reference import topk_attention_dense
 
     chunk.CONFIG.update(json.loads(os.environ.get("FIT_CONFIG", "{}")))  # --config
-    fns = [chunk._state_kernel, chunk._prefix_kernel, chunk._fwd_kernel, chunk._bwd_q_kernel, chunk._bwd_kv_kernel, tchunk._fwd_kernel,
+    fns = [chunk._state_kernel, chunk._prefix_kernel, chunk._fwd_kernel, chunk._bwd_q_kernel, chunk._bwd_kv_kernel,
+           chunk._bwd_chunk_kernel, chunk._dden_kernel, tchunk._fwd_kernel,
            tchunk._out_kernel, tchunk._bwd_kernel, _step_kernel]
     before = _compiled(fns)
     dev, dt = os.environ.get("FIT_DEVICE", "cuda"), getattr(torch, p["dt"])  # cpu + TRITON_INTERPRET=1: a smoke run

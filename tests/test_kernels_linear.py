@@ -200,6 +200,11 @@ def test_custom_op_passes_opcheck():
         assert chunk.fwd_runs(q2, k2, v2, True) == (2, torch.float32)
         torch.library.opcheck(function.linear_attn_fwd, (q2, k2, v2, None, True, 1e-6, True),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        chunk.CONFIG.update(serial_programs=1)  # the serial pass: a state per chunk, bf16 for bf16 inputs
+        q3, k3, v3 = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q2, k2, v2))
+        assert chunk.fwd_runs(q3, k3, v3, True) == (3, torch.bfloat16)
+        torch.library.opcheck(function.linear_attn_fwd, (q3, k3, v3, None, True, 1e-6, True),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     finally:
         chunk.CONFIG.update(old)
 

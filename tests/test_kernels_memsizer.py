@@ -115,8 +115,13 @@ def test_module_parallel_vs_recurrent_on_triton():
     assert parallel_vs_recurrent(attn, B=3, T=9, dtype=torch.float32) < 1e-5
 
 
-def test_custom_op_passes_opcheck():
-    """attnlab::memsizer_fwd: schema, fake implementation, registered autograd and AOT dispatch (interpreter)."""
+def test_custom_op_passes_opcheck(monkeypatch):
+    """attnlab::memsizer_fwd: schema, fake implementation, registered autograd and AOT dispatch (interpreter); also
+    through the serial state pass, whose bf16 per-chunk states the fake must predict."""
     g = torch.Generator().manual_seed(8)
     p, a, v = inputs(2, 20, 20, 4, 12, torch.float32, g)
     torch.library.opcheck(function.memsizer_fwd, (p, a, v, None, True))
+    monkeypatch.setitem(chunk.CONFIG, "serial_programs", 1)
+    p, a, v = inputs(1, 130, 130, 8, 16, torch.bfloat16, g)
+    torch.library.opcheck(function.memsizer_fwd, (p, a, v, None, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -61,7 +61,8 @@ from ..fit import MIN_BK, NoFit, _p2, chunk_smem, fit_chunk, is_oor, smem_limit
 CONFIG = {"BT": 64, "BV": 64, "state": 4096, "fwd_warps": 4, "bwd_warps": 8, "stages": 2,
           "programs": 2112, "run_min_chunks": 32, "run_bwd_warps": 4, "fill": 128, "one_chunk_runs": 64,
           "serial_programs": 128, "serial_tile": 64, "serial_warps": 4, "serial_stages": 3, "chunk_bwd_warps": 4}
-GROUPS = {"fwd": ("state", "fwd"), "bwd": ("bwd_q", "bwd_kv", "bwd_chunk")}  # kernels launched together share one dv-tile
+# kernels launched together share one dv-tile
+GROUPS = {"fwd": ("state", "fwd"), "bwd": ("bwd_q", "bwd_kv", "bwd_chunk")}
 
 
 @triton.jit
