@@ -664,14 +664,15 @@ def _serial_tiles(B, H, DK, DV, n_rows, BT, in_bytes, smem):
     lo, cap, want = MIN_BK.get(in_bytes, 16), CONFIG["serial_tile"], CONFIG["serial_programs"]
     bk, bv = max(lo, min(cap, _p2(DK))), max(lo, min(cap, _p2(DV)))
 
-    def programs():
-        return B * H * triton.cdiv(DK, bk) * triton.cdiv(DV, bv)
-    while (programs() < want or chunk_smem("prefix", BT, bk, bv, in_bytes, 2) > smem) and max(bk, bv) > lo:
+    def ok():  # enough programs, and two pipeline stages fit
+        return (B * H * triton.cdiv(DK, bk) * triton.cdiv(DV, bv) >= want
+                and chunk_smem("prefix", BT, bk, bv, in_bytes, 2) <= smem)
+    while not ok() and max(bk, bv) > lo:
         if bv >= bk:
             bv //= 2
         else:
             bk //= 2
-    return (bk, bv) if programs() >= want and chunk_smem("prefix", BT, bk, bv, in_bytes, 2) <= smem else None
+    return (bk, bv) if ok() else None
 
 
 def _plan(B, H, DK, DV, NV, n_rows, causal, BT, x):
@@ -814,37 +815,29 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
                                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gq,
                                            *gk, *dv.stride()[:3], smb, ELU1=elu1, NORM=norm, SCALE=scale, **common,
                                            num_warps=CONFIG["chunk_bwd_warps"], num_stages=opts["num_stages"])
-    else:
-        acc_r = not causal or run  # the query-side kernel sums its run's R, w for a scan
-        _bwd_runs(q, k, v, o_, do, dq, dk, dv, gq, gk, S0, z0, rr, dd, m, smb, B, H, T, S, DK, DV, NV, ns_q, nc,
-                  run, acc_r, inline, causal, elu1, norm, scale, common, opts)
+    else:  # by runs: the query-side kernel (dq; the runs' R, w sums for a scan), a scan, the key-side kernel
+        acc_r = not causal or run
+        Rp = Wp = q
+        if acc_r:
+            Rp = torch.empty(ns_q, B * H, DK, DV, device=dev, dtype=f32)
+            Wp = torch.zeros(ns_q, B * H, DK, device=dev, dtype=f32)  # zeros: without NORM nothing is written
+        _bwd_q_kernel[(NV, B * H, ns_q)](q, k, v, o_, do, dq, q if S0 is None else S0, q if z0 is None else z0,
+                                         rr, dd, Rp, Wp, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                         *o_.stride()[:3], *do.stride()[:3], *gq, smb,
+                                         S0.stride(0) if run else 0, z0.stride(0) if run else 0,
+                                         CAUSAL=causal, HAS_S0=S0 is not None, ACC_R=acc_r, ELU1=elu1, NORM=norm,
+                                         SCALE=scale, DDEN_INLINE=inline, CARRY=_carry(causal, ns_q, T, common["BT"]),
+                                         **common, **opts)
+        R0 = W0 = q
+        if acc_r:
+            R0 = _starts(Rp, causal, reverse=True, dtype=_state_dtype(q, causal and ns_q == nc))
+            W0 = _starts(Wp, causal, reverse=True)
+        ns_k = ns_q if causal else _splits(B, H, NV, S, False, common["BT"])
+        _bwd_kv_kernel[(NV, B * H, ns_k)](q, k, v, do, dk, dv, R0, W0, rr, dd, m, S, T, H, *q.stride()[:3],
+                                          *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gk, *dv.stride()[:3],
+                                          smb, R0.stride(0) if run else 0, W0.stride(0) if run else 0,
+                                          CAUSAL=causal, HAS_R0=acc_r, ELU1=elu1, NORM=norm, SCALE=scale,
+                                          CARRY=_carry(causal, ns_k, S, common["BT"]), **common, **opts)
     if NV > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
     return dq, dk, dv
-
-
-def _bwd_runs(q, k, v, o_, do, dq, dk, dv, gq, gk, S0, z0, rr, dd, m, smb, B, H, T, S, DK, DV, NV, ns_q, nc, run,
-              acc_r, inline, causal, elu1, norm, scale, common, opts):
-    """The backward by runs: the query-side kernel (dq; the runs' R, w sums), a scan, the key-side kernel."""
-    dev, f32 = q.device, torch.float32
-    Rp = Wp = q
-    if acc_r:
-        Rp = torch.empty(ns_q, B * H, DK, DV, device=dev, dtype=f32)
-        Wp = torch.zeros(ns_q, B * H, DK, device=dev, dtype=f32)  # zeros: without NORM nothing is written
-    _bwd_q_kernel[(NV, B * H, ns_q)](q, k, v, o_, do, dq, q if S0 is None else S0, q if z0 is None else z0,
-                                     rr, dd, Rp, Wp, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                                     *o_.stride()[:3], *do.stride()[:3], *gq, smb,
-                                     S0.stride(0) if run else 0, z0.stride(0) if run else 0,
-                                     CAUSAL=causal, HAS_S0=S0 is not None, ACC_R=acc_r, ELU1=elu1, NORM=norm,
-                                     SCALE=scale, DDEN_INLINE=inline, CARRY=_carry(causal, ns_q, T, common["BT"]),
-                                     **common, **opts)
-    R0 = W0 = q
-    if acc_r:
-        R0 = _starts(Rp, causal, reverse=True, dtype=_state_dtype(q, causal and ns_q == nc))
-        W0 = _starts(Wp, causal, reverse=True)
-    ns_k = ns_q if causal else _splits(B, H, NV, S, False, common["BT"])
-    _bwd_kv_kernel[(NV, B * H, ns_k)](q, k, v, do, dk, dv, R0, W0, rr, dd, m, S, T, H, *q.stride()[:3],
-                                      *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gk, *dv.stride()[:3], smb,
-                                      R0.stride(0) if run else 0, W0.stride(0) if run else 0,
-                                      CAUSAL=causal, HAS_R0=acc_r, ELU1=elu1, NORM=norm, SCALE=scale,
-                                      CARRY=_carry(causal, ns_k, S, common["BT"]), **common, **opts)

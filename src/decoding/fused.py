@@ -141,11 +141,10 @@ class Fused(Delegate, nn.Module):
                 B, H, dh = x.shape[0], a.n_heads, a.head_dim
                 q, k, v = ln_linear(x, *w["in"], ln=_ln(layer.norms[0]), **kw).view(B, 3, H, dh).unbind(1)
                 y = linear_attention_step_(q, k, v, st["S"], st["z"], q.new_empty(B, H, dh), eps=a.eps).view(B, -1)
+                x = ln_linear(y, *w["out"], residual=x, **kw)
             else:  # MemSizer: no output projection; its step adds to the residual itself
                 proj = ln_linear(x, *w["in"], ln=_ln(layer.norms[0]), **kw)
                 x = memsizer_decode_(proj, a.n_heads, _ln(a.ln_l), _ln(a.ln_r), st["S"], st["count"], x)
-            if "out" in w:
-                x = ln_linear(y, *w["out"], residual=x, **kw)
             h = ln_linear(x, *w["fc1"], ln=_ln(layer.norms[-1]), act="relu", **kw)
             x = ln_linear(h, *w["fc2"], residual=x, **kw)
         state["pos"] += 1
