@@ -6,8 +6,8 @@ full benchmark size), then forward and forward+backward time and peak memory aga
     # logic check without a GPU (Triton's interpreter, tiny shapes; the numbers mean nothing):
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/check_topk_gpu.py --dry-run
 
-    # the whole check in one lease: each part in its own process (a CUDA error ends only that part), falling back
-    # to the portable kernel path ({"fast": false}) if the default one fails its checks
+    # the whole check in one lease: each part in its own process (a CUDA error ends only that part): the threshold
+    # kernels, then the sparse ones, falling back to their portable path ({"fast": false}) if the default one fails
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/check_topk_gpu.py --plan --out $OUT --budget-s 340  # ~5.5 min
 
 Sections run in order while the time budget lasts (--budget-s); a failing section prints its traceback and the
@@ -69,15 +69,17 @@ def plan():
         checks = (res or {}).get("correct", []) + (res or {}).get("full", [])
         return bool(checks) and all(c["passed"] for c in checks) and bool((res or {}).get("timing"))
 
+    child("T", ["--skip", "extra"], 120, {})  # the threshold kernels (the default path up to T = 8192)
     base = {}
-    res = child("A", ["--skip", "extra"], 120, base)
+    sp = ["--path", "sparse"]  # the rest: the sparse kernels
+    res = child("A", [*sp, "--skip", "extra"], 120, base)
     if not ok(res):
         base = {"fast": False}
-        child("A_portable", ["--skip", "extra"], 120, base)
-    child("C", ["--skip", "correct", "full", "timing"], 150, base)
-    child("B", ["--skip", "correct", "full", "timing", "extra", "--sweep-T", "16384", "--sweep",
+        child("A_portable", [*sp, "--skip", "extra"], 120, base)
+    child("C", [*sp, "--skip", "correct", "full", "timing"], 150, base)
+    child("B", [*sp, "--skip", "correct", "full", "timing", "extra", "--sweep-T", "16384", "--sweep",
                 json.dumps([{"stop": 1}, {"stop": 2}, {"stop": 3}])], 50, base)
-    child("D", ["--skip", "correct", "full", "timing", "extra", "--sweep-T", "16384", "--sweep",
+    child("D", [*sp, "--skip", "correct", "full", "timing", "extra", "--sweep-T", "16384", "--sweep",
                 json.dumps([{"BS": 8}, {"fwd_warps": 8}, {"progs_per_sm": 1}])], 200, base)
     print(f"plan done in {time.time() - t0:.0f} s", flush=True)
 
@@ -92,8 +94,11 @@ import triton
 import triton.language as tl
 
 import attnlab.kernels.topk_attn.chunk as chunk  # noqa: E402
+import attnlab.kernels.topk_attn.threshold as threshold  # noqa: E402
+import attnlab.kernels.topk_attn.function as function  # noqa: E402
 from attnlab.kernels.topk_attn.function import topk_attention_triton  # noqa: E402
-from attnlab.kernels.topk_attn.reference import topk_attention_chunked, topk_attention_dense  # noqa: E402
+from attnlab.kernels.topk_attn.reference import (attention_over, threshold_keep,  # noqa: E402
+                                                 topk_attention_chunked, topk_attention_dense)
 
 T0 = time.time()
 DEV = "cpu" if "--dry-run" in sys.argv else "cuda"
@@ -156,8 +161,6 @@ def check_case(B, H, T, S, d, dtype, topk, causal, pad, seed=0):
                                           ("dv", vt.grad, vr.grad))}
     nan = any(t.isnan().any().item() for t in (out, qt.grad, kt.grad, vt.grad))
     # selection agreement: the kernel's index sets against the float64 top-k (flips only at near-ties)
-    _, P, I = chunk.topk_fwd(q.contiguous(), k.contiguous(), v.contiguous(), min(topk, S), causal, kpm,
-                             d ** -0.5)
     s = (qr.detach() @ kr.detach().transpose(-1, -2))
     ok = torch.ones(T, S, dtype=torch.bool, device=DEV)
     if causal:
@@ -165,9 +168,15 @@ def check_case(B, H, T, S, d, dtype, topk, causal, pad, seed=0):
     ok = ok[None, None] if kpm is None else ok[None, None] & ~kpm[:, None, None, :]
     s = s.masked_fill(~ok, float("-inf"))
     refI = s.topk(min(topk, S), -1).indices
-    # empty slots (-1) go to an extra column S, so they cannot overwrite a real selection
-    mine = torch.zeros(*s.shape[:-1], S + 1, dtype=torch.bool, device=DEV)
-    mine = mine.scatter_(-1, torch.where(I >= 0, I.long(), S), True)[..., :S]
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), min(topk, S), causal, kpm, d ** -0.5)
+    if function.takes_threshold(T, d, d):  # the threshold path: its (t, tj) against the float64 scores
+        _, _, t, tj = threshold.threshold_fwd(*args)
+        mine = threshold_keep(s, t, tj) & ok
+    else:
+        _, P, I = chunk.topk_fwd(*args)
+        # empty slots (-1) go to an extra column S, so they cannot overwrite a real selection
+        mine = torch.zeros(*s.shape[:-1], S + 1, dtype=torch.bool, device=DEV)
+        mine = mine.scatter_(-1, torch.where(I >= 0, I.long(), S), True)[..., :S]
     theirs = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, refI, True) & ok
     rows_differ = (mine != theirs).any(-1).float().mean().item()
     passed = (not nan) and all(e < TOL[dtype] for e in errs.values())
@@ -178,6 +187,37 @@ def check_case(B, H, T, S, d, dtype, topk, causal, pad, seed=0):
         " ".join(f"{n}={e:.2e}" for n, e in errs.items()) + f" nan={nan} sel_diff_rows={rows_differ:.1e} "
         f"{'PASS' if passed else 'FAIL'}")
     return passed
+
+
+def tie_case(dtype, topk=64, T=500, S=1000, d=64):
+    """Duplicated keys tie at the k-th score in many rows (the key-index split, sweep T): the kernel's selection
+    must hold exactly min(k, visible) keys, none below an unselected one, and out / grads must be those of that
+    selection (float64 reference over the same keys)."""
+    q, k, v, _ = make(1, 2, T, S, d, dtype, False, 4)
+    k[:, :, S * 3 // 10:S * 4 // 10] = k[:, :, S // 10:S // 10 + 1]  # keys with the same score in every row
+    q[:, :, T // 10:T // 5] = 0  # every score ties
+    qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
+    out, _, t, tj = threshold.threshold_fwd(q, k, v, topk, False, None, d ** -0.5)
+    out = topk_attention_triton(qt, kt, vt, topk, False)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
+    s = qr @ kr.transpose(-1, -2)
+    keep = threshold_keep(s, t, tj)
+    bad_rows = int((keep.sum(-1) != topk).sum())
+    count_ok = bad_rows == 0
+    order_ok = bool((s.masked_fill(~keep, float("inf")).amin(-1) >= s.masked_fill(keep, float("-inf")).amax(-1)
+                     - 1e-6).all())
+    ref = attention_over(s * d ** -0.5, keep, vr)
+    ref.backward(dout.double())
+    errs = {n: rel(a, b) for n, a, b in (("out", out, ref), ("dq", qt.grad, qr.grad), ("dk", kt.grad, kr.grad),
+                                          ("dv", vt.grad, vr.grad))}
+    passed = count_ok and order_ok and all(e < TOL[dtype] for e in errs.values())
+    RESULTS["correct"].append(dict(case="ties", dtype=str(dtype), tie_rows=int((tj > 0).sum()), errs=errs,
+                                   count_ok=count_ok, order_ok=order_ok, passed=passed))
+    log(f"check ties {dtype}: tie rows {int((tj > 0).sum())}/{tj.numel()} rows with another count {bad_rows} "
+        f"order_ok={order_ok} " + " ".join(f"{n}={e:.2e}" for n, e in errs.items())
+        + f" {'PASS' if passed else 'FAIL'}")
 
 
 def full_size(B, H, T, d, topk, heads=((0, 0), (-1, -1))):
@@ -231,14 +271,17 @@ def peak_mb(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def timing(B, H, T, d, topk, rep, variants=("sdpa_flash", "topk_triton")):
+def timing(B, H, T, d, topk, rep, variants=("sdpa", "sdpa_flash", "topk_triton")):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     q, k, v, _ = make(B, H, T, T, d, torch.bfloat16, False, 2)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     dout = torch.randn_like(q)
     row = dict(B=B, H=H, T=T, d=d, topk=topk)
     for name in variants:
-        if name == "sdpa_flash":
+        if name == "sdpa":  # the default backend selection (cuDNN on Hopper)
+            def f():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif name == "sdpa_flash":
             def f():
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION if DEV == "cuda" else SDPBackend.MATH):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -263,8 +306,10 @@ def timing(B, H, T, d, topk, rep, variants=("sdpa_flash", "topk_triton")):
 
 
 def sweep(B, H, T, d, topk, rep, configs):
-    """Time fwd and fwd+bwd of the top-k kernel under other CONFIG values (each one recompiles)."""
-    base = dict(chunk.CONFIG)
+    """Time fwd and fwd+bwd of the top-k kernel under other CONFIG values (each one recompiles): threshold.CONFIG
+    on the threshold path, chunk.CONFIG on the sparse one."""
+    cfgd = threshold.CONFIG if function.takes_threshold(T, d, d) else chunk.CONFIG
+    base = dict(cfgd)
     q, k, v, _ = make(B, H, T, T, d, torch.bfloat16, False, 3)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     dout = torch.randn_like(q)
@@ -272,8 +317,8 @@ def sweep(B, H, T, d, topk, rep, configs):
         if time.time() - T0 > ARGS.budget_s:
             log("sweep: out of time budget")
             break
-        chunk.CONFIG.clear()
-        chunk.CONFIG.update({**base, **cfg})
+        cfgd.clear()
+        cfgd.update({**base, **cfg})
         try:
             def f():
                 return topk_attention_triton(q, k, v, topk, True)
@@ -290,8 +335,8 @@ def sweep(B, H, T, d, topk, rep, configs):
                 check_case(2, 4, 1024, 1024, d, torch.bfloat16, topk, True, False)
         except Exception as e:  # a config that does not compile (shared memory, registers) is skipped
             log(f"sweep T={T} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
-    chunk.CONFIG.clear()
-    chunk.CONFIG.update(base)
+    cfgd.clear()
+    cfgd.update(base)
 
 
 def section(name, fn):
@@ -317,6 +362,8 @@ def main():
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--rep-ms", type=int, default=200)
     p.add_argument("--config", type=json.loads, default={}, help='CONFIG overrides, e.g. \'{"BM": 32}\'')
+    p.add_argument("--path", choices=["threshold", "sparse"], default="threshold",
+                   help="threshold kernels (threshold.py) or the sparse P/I kernels (chunk.py) for every T")
     p.add_argument("--sweep", type=json.loads, default=[], help="list of CONFIG overrides to time at --sweep-T")
     p.add_argument("--sweep-T", type=int, default=8192)
     p.add_argument("--skip", nargs="*", default=[], help="sections to skip: correct full timing extra sweep")
@@ -325,23 +372,28 @@ def main():
     global ARGS
     ARGS = p.parse_args()
     os.makedirs(ARGS.out, exist_ok=True)
-    chunk.CONFIG.update(ARGS.config)
+    function.THRESHOLD_MAX_T = 1 << 62 if ARGS.path == "threshold" else 0
+    (threshold.CONFIG if ARGS.path == "threshold" else chunk.CONFIG).update(ARGS.config)
     try:
         topk_sig = str(inspect.signature(tl.topk.fn)) if hasattr(tl, "topk") else None
     except Exception as e:
         topk_sig = repr(e)
     name = torch.cuda.get_device_properties(0).name if DEV == "cuda" else "cpu (dry run)"
-    log(f"torch {torch.__version__} triton {triton.__version__} {name} tl.topk={topk_sig} CONFIG={chunk.CONFIG}")
+    log(f"torch {torch.__version__} triton {triton.__version__} {name} tl.topk={topk_sig} path={ARGS.path} "
+        f"CONFIG={threshold.CONFIG if ARGS.path == 'threshold' else chunk.CONFIG}")
     B, H, D, K = ARGS.B, ARGS.H, ARGS.D, ARGS.topk
     if ARGS.dry_run:
         chunk.CONFIG.update(BM=16, BN=16, CAP=32, BS=16, KC=4, BMB=16)
+        threshold.CONFIG.update(BM=16, BM_sel=16, BN=16)
         B, H, D, K, ARGS.T, ARGS.sweep_T = 1, 1, 16, 8, [40], 40
         global check_case
         real = check_case
         check_case = lambda B_, H_, T, S, d, dtype, topk, causal, pad: real(1, 1, min(T, 21), min(S, 37), 16, dtype,
                                                                             min(topk, 8), causal, pad)
+    ties = dict(topk=4, T=20, S=40, d=16) if ARGS.dry_run else {}
     if "correct" not in ARGS.skip:  # T = 1024: the specialization that the timings use
-        section("correct-main", lambda: [check_case(2, 4, 1024, 1024, D, torch.bfloat16, K, True, False)])
+        section("correct-main", lambda: [check_case(2, 4, 1024, 1024, D, torch.bfloat16, K, True, False),
+                                         tie_case(torch.bfloat16, **ties)])
     if "full" not in ARGS.skip:
         section("full", lambda: full_size(B, H, max(ARGS.T), D, K))
     if "timing" not in ARGS.skip:
@@ -356,23 +408,25 @@ def main():
             check_case(2, 2, 1000, 1000, D, torch.float32, K, True, False),
             check_case(2, 2, 333, 1000, D, torch.bfloat16, 5, False, True),
             check_case(2, 2, 1000, 1000, D, torch.bfloat16, 128, True, False),
+            tie_case(torch.bfloat16, **ties), tie_case(torch.float32, **ties),
         ])
     if ARGS.sweep and "sweep" not in ARGS.skip:
         section("sweep", lambda: sweep(B, H, ARGS.sweep_T, D, K, ARGS.rep_ms, ARGS.sweep))
 
     with open(os.path.join(ARGS.out, f"{ARGS.name}.json"), "w") as f:
-        json.dump(dict(config=chunk.CONFIG, results=RESULTS, log=LINES), f, indent=1, default=str)
+        json.dump(dict(path=ARGS.path, config=threshold.CONFIG if ARGS.path == "threshold" else chunk.CONFIG,
+                       results=RESULTS, log=LINES), f, indent=1, default=str)
     log("\n== summary ==")
     n_ok = sum(r["passed"] for r in RESULTS["correct"] + RESULTS["full"])
     log(f"correctness: {n_ok}/{len(RESULTS['correct']) + len(RESULTS['full'])} passed")
-    log(f"{'T':>6} | {'flash fwd':>9} {'fwd+bwd':>8} {'peak MB':>8} | {'topk fwd':>9} {'fwd+bwd':>8} {'peak MB':>8} | "
-        f"{'ratio':>5}")
+    log(f"{'T':>6} | {'sdpa fwd':>9} {'fwd+bwd':>8} {'peak MB':>8} | {'topk fwd':>9} {'fwd+bwd':>8} {'peak MB':>8} | "
+        f"{'ratio':>5} | {'flash fwd+bwd':>13}")
     for r in RESULTS["timing"]:
-        a, b = r.get("sdpa_flash"), r.get("topk_triton")
+        a, b, c = r.get("sdpa"), r.get("topk_triton"), r.get("sdpa_flash", {})
         if a and b:
             log(f"{r['T']:>6} | {a['fwd_ms']:>9.3f} {a['fwdbwd_ms']:>8.3f} {a['fwdbwd_peak_mb']:>8.0f} | "
                 f"{b['fwd_ms']:>9.3f} {b['fwdbwd_ms']:>8.3f} {b['fwdbwd_peak_mb']:>8.0f} | "
-                f"{b['fwdbwd_ms'] / a['fwdbwd_ms']:>5.2f}")
+                f"{b['fwdbwd_ms'] / a['fwdbwd_ms']:>5.2f} | {c.get('fwdbwd_ms', float('nan')):>13.3f}")
     log(f"total {time.time() - T0:.0f} s")
 
 

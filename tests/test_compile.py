@@ -70,7 +70,7 @@ def test_kernels_are_custom_ops_when_compiled_and_functions_in_eager(op):
     out = torch.compile(fn, backend=backend, fullgraph=True)(*inputs)
     out.square().sum().backward()
     torch._dynamo.reset()
-    name = {"linear": "linear_attn", "memsizer": "memsizer", "topk": "topk_attn"}[op]
+    name = {"linear": "linear_attn", "memsizer": "memsizer", "topk": "topk_threshold"}[op]
     assert len(graphs) == 2 and f"attnlab.{name}_fwd" in graphs[0] and f"attnlab.{name}_bwd" in graphs[1]
     assert ref.grad_fn.name().endswith("_eagerBackward")  # eager: the autograd.Function, not the custom op
     assert torch.allclose(out, ref, atol=1e-6)

@@ -1,7 +1,14 @@
-"""The fused Triton top-k attention kernels (kernels/topk_attn/chunk.py) as custom ops with autograd.
+"""The fused Triton top-k attention kernels as custom ops with autograd, two algorithms for one function:
 
-Saved for backward: q, k, v, the output, and per query the top-k softmax weights P (float32) and key indices I
-(int32): O(T * k), no score matrix. The backward writes dQ directly and scatters into dK, dV with float32 atomics.
+* threshold.py: per query row a threshold found by counting sweeps, then flash-attention-style masked forward
+  and backward on the tensor cores. Saved for backward: q, k, v, the output and three numbers per row.
+* chunk.py (the sparse kernels): per row the top-k softmax weights P (float32) and key indices I (int32), O(T * k); the
+  backward gathers the k keys and scatters into dK, dV with float32 atomics.
+
+Which one runs (measured on an H200, kernels/topk_attn/NOTES.md): the threshold kernels up to THRESHOLD_MAX_T
+query rows (2-4x faster than the sparse ones at T <= 4096, 31.7 ms against ~40 at 8192, but 121 against 98 ms at
+16384) and head dims up to THRESHOLD_MAX_D (the widths checked on the GPU; wider heads take the sparse kernels,
+whose tiles are fitted to the device's shared memory).
 """
 from __future__ import annotations
 
@@ -9,7 +16,16 @@ import torch
 
 from .. import eager_or_compiled
 from .chunk import MAX_TOPK, topk_bwd, topk_fwd
+from .threshold import threshold_bwd, threshold_fwd
 from .reference import check_args
+
+THRESHOLD_MAX_T = 8192
+THRESHOLD_MAX_D = 64
+
+
+def takes_threshold(T: int, d: int, dv: int) -> bool:
+    """Whether a call with T query rows and head dims d, dv runs the threshold kernels (threshold.py)."""
+    return T <= THRESHOLD_MAX_T and max(d, dv) <= THRESHOLD_MAX_D
 
 
 def _topk_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
@@ -62,6 +78,57 @@ topk_attn_fwd.register_autograd(_backward(topk_attn_bwd), setup_context=_setup)
 _topk_attn = eager_or_compiled(topk_attn_fwd, _topk_attn_fwd, _setup, _backward(_topk_attn_bwd))
 
 
+def _topk_threshold_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                    topk: int, causal: bool, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, t, tj): see threshold.threshold_fwd."""
+    return threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale)
+
+
+topk_threshold_fwd = torch.library.custom_op("attnlab::topk_threshold_fwd", _topk_threshold_fwd, mutates_args=())
+
+
+@topk_threshold_fwd.register_fake
+def _(q, k, v, key_padding_mask, topk, causal, scale):
+    B, H, T, _ = q.shape
+    row = q.new_empty(B, H, T, dtype=torch.float32)
+    return q.new_empty(B, H, T, v.shape[3]), row, torch.empty_like(row), row.new_empty(B, H, T, dtype=torch.int32)
+
+
+def _topk_threshold_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                    lse: torch.Tensor, t: torch.Tensor, tj: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                    causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return threshold_bwd(q, k, v, out, dout, lse, t, tj, causal, key_padding_mask, scale)
+
+
+topk_threshold_bwd = torch.library.custom_op("attnlab::topk_threshold_bwd", _topk_threshold_bwd, mutates_args=())
+
+
+@topk_threshold_bwd.register_fake
+def _(q, k, v, out, dout, lse, t, tj, key_padding_mask, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _threshold_setup(ctx, inputs, output):
+    q, k, v, kpm, _, causal, scale = inputs
+    out, lse, t, tj = output
+    ctx.save_for_backward(q, k, v, out, lse, t, tj, kpm)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _threshold_backward(bwd):
+    def backward(ctx, dout, *_):
+        q, k, v, out, lse, t, tj, kpm = ctx.saved_tensors
+        dq, dk, dv = bwd(q, k, v, out, dout, lse, t, tj, kpm, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+    return backward
+
+
+topk_threshold_fwd.register_autograd(_threshold_backward(topk_threshold_bwd), setup_context=_threshold_setup)
+_topk_threshold = eager_or_compiled(topk_threshold_fwd, _topk_threshold_fwd, _threshold_setup,
+                                    _threshold_backward(_topk_threshold_bwd))
+
+
 def topk_attention_triton(q, k, v, topk: int, causal: bool, key_padding_mask=None, chunk_size: int = 1024,
                           scale=None):
     """Top-k attention, fused: same function as ``reference.topk_attention_dense``. ``chunk_size`` is accepted
@@ -86,4 +153,6 @@ def topk_attention_triton(q, k, v, topk: int, causal: bool, key_padding_mask=Non
     if q.shape[2] == 0 or S == 0:  # nothing to attend: zeros, still connected to the graph
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if takes_threshold(q.shape[2], q.shape[-1], v.shape[-1]):
+        return _topk_threshold(q, k, v, key_padding_mask, kk, causal, scale)[0]
     return _topk_attn(q, k, v, key_padding_mask, kk, causal, scale)[0]

@@ -60,6 +60,21 @@ def topk_attention_dense(q, k, v, topk: int, causal: bool, key_padding_mask=None
         s = s.masked_fill(~allowed, float("-inf"))
     idx = s.topk(min(topk, S), dim=-1).indices
     keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True) & ~s.isneginf()
+    return attention_over(s, keep, v)
+
+
+def threshold_keep(s, t, tj, rtol=1e-6):
+    """The keys that per-row thresholds (t, tj) of the threshold kernels (threshold.py) select, read off float64
+    scores s (B, H, T, S); t, tj (B, H, T). s > t; where a row split a tie (tj > 0), also the tied keys with an
+    index below tj (tied: within rtol of t, since the kernel's float32 tie is the float64 tie of identical keys)."""
+    t = t[..., None].double()
+    near = ((s - t).abs() <= rtol * t.abs().clamp_min(1)) & (tj[..., None] > 0)
+    return (s > t) & ~near | near & (torch.arange(s.shape[-1], device=s.device) < tj[..., None])
+
+
+def attention_over(s, keep, v):
+    """softmax(s) over the keys where ``keep`` (bool, broadcastable to s), times v; a row keeping nothing gives 0.
+    s: scaled scores (B, H, T, S). Also the reference for a given selection (a kernel's choice among ties)."""
     # rows with nothing kept get finite dummy scores so the softmax (and its gradient) stays NaN-free; zeroed below
     s = s.masked_fill(~keep, float("-inf")).masked_fill(~keep.any(-1, keepdim=True), 0.0)
     p = torch.softmax(s, -1).masked_fill(~keep, 0.0)

@@ -1,0 +1,444 @@
+"""Top-k attention by per-row thresholds: masked flash-attention-style sweeps, no gather, no atomics (Triton).
+
+The top-k set of a row is {j : (s_ij, -j) > (t_i, -tj_i)} for a threshold t_i (and, only when the k-th and
+(k+1)-th scores tie, a key index tj_i that splits the tied keys). Once t is known, the forward is flash attention
+with that mask, the row max already known, and the backward is flash attention's backward with the same mask:
+tensor-core tiles throughout, O(T) memory (t, tj and the log-sum-exp per row), deterministic.
+
+Finding t, per tile of BM query rows, in sweeps over the key tiles (s = raw dot q . k; scale > 0 keeps the order):
+
+A. Per group (key j is in group j mod BN) the 3 largest scores and the row max. The k-th largest of the 3*BN
+   kept scores (bisection on their order-preserving int32 bits) is a lower bound L of the row's k-th largest: they
+   are distinct scores. A score above L is missed only if its group holds 4 or more of the row's top k; with
+   128 groups and k = 64 that is ~0.2 scores per random row.
+R. Count c = #{s > lo} (lo = the float just below L), the largest score <= lo, and the 3 smallest scores > lo
+   (per group bottom-3, merged). With e = c - k: e = 0 -> lo separates; e = 1, 2 -> the 1 or 2 smallest go, t sits
+   between the e-th and (e+1)-th smallest; e >= 3 -> lo rises to the 3rd smallest and R repeats (rare).
+   t is the midpoint of the gap, so an ulp of difference in a recomputed score could not move a key across it.
+T. Only when the boundary is a tie (two keys with the k-th score): t = that score and tj is found by bisection on
+   the key index: #{s > t} + #{s == t, j < tj} = k. Ties break towards the smaller key index.
+F. The masked forward: p = exp(scale (s - max)) where selected, out = p v / sum p.
+
+All sweeps compute a score tile with the same code and tile shapes (BM x BN, same dot), here and in the backward,
+so they see the same bits. Measured costs: kernels/topk_attn/NOTES.md.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk import NEG, _pow2, _scores
+
+# BM query rows x BN keys per tile (BN = number of groups; 3 * BN >= k or the bound is -inf and R counts all),
+# warps and stages for every kernel here (the same BM, BN in forward and backward: the score bits must agree),
+# SEL_BITS leading bits of the bisection for L (fewer: a lower L, a few more candidates for R).
+CONFIG = {"BM_sel": 64, "sel_warps": 8, "BM": 128, "BN": 128, "warps": 4, "stages": 2, "bwd_warps": 8,
+          "SEL_BITS": 32}
+POS = tl.constexpr(float("inf"))
+KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _key(x):
+    """float32 -> int32 in the same (signed) order."""
+    b = x.to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _unkey(o):
+    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mid(a, b):
+    """A float in [a, b) (a < b): the midpoint unless rounding puts it on b."""
+    m = a * 0.5 + b * 0.5
+    return tl.where((m >= a) & (m < b), m, a)
+
+
+@triton.jit
+def _pop_min(b1, b2, b3, cols):
+    """Smallest of the per-group bottom-3 lists, and the lists with that one entry removed."""
+    u = tl.min(b1, 1)
+    at = tl.min(tl.where(b1 == u[:, None], cols[None, :], 1 << 30), 1)
+    hit = cols[None, :] == at[:, None]
+    return u, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, POS, b3)
+
+
+@triton.jit
+def _count_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, lo,
+                BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Sweep R: #{s > lo}, max{s <= lo} and the 3 smallest {s > lo} of every row."""
+    cnt = tl.zeros([BM], dtype=tl.int32)
+    nb = tl.full([BM], NEG, tl.float32)
+    b1 = tl.full([BM, BN], POS, tl.float32)
+    b2 = tl.full([BM, BN], POS, tl.float32)
+    b3 = tl.full([BM, BN], POS, tl.float32)
+    for n0 in range(0, n_end, BN):
+        s = _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        up = s > lo[:, None]
+        cnt += tl.sum(up.to(tl.int32), 1)
+        nb = tl.maximum(nb, tl.max(tl.where(up, NEG, s), 1))
+        c = tl.where(up, s, POS)
+        x = tl.minimum(b1, c)
+        c = tl.maximum(b1, c)
+        b1 = x
+        x = tl.minimum(b2, c)
+        c = tl.maximum(b2, c)
+        b2 = x
+        b3 = tl.minimum(b3, c)
+    cols = tl.arange(0, BN)
+    u1, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
+    u2, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
+    u3 = tl.min(b1, 1)
+    return cnt, nb, u1, u2, u3
+
+
+@triton.jit
+def _tie_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, ts, x,
+              BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Sweep T: #{s > ts} and #{s == ts, j < x} of every row."""
+    gt = tl.zeros([BM], dtype=tl.int32)
+    eq = tl.zeros([BM], dtype=tl.int32)
+    for n0 in range(0, n_end, BN):
+        s = _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        cols = n0 + tl.arange(0, BN)
+        gt += tl.sum((s > ts[:, None]).to(tl.int32), 1)
+        eq += tl.sum(((s == ts[:, None]) & (cols[None, :] < x[:, None])).to(tl.int32), 1)
+    return gt, eq
+
+
+@triton.jit
+def _selected(s, cols, t, tj, LEX):
+    """The mask (s, -j) > (t, -tj): s > t, or a tie at t with a key index below tj (only when LEX)."""
+    sel = s > t[:, None]
+    if LEX:
+        sel = sel | ((s == t[:, None]) & (cols[None, :] < tj[:, None]))
+    return sel
+
+
+@triton.jit
+def _select_kernel(Q, K, KPM, MX, TT, TJ, T, S, H, DK, off, KK, NM,
+                   sqb, sqh, sqt, skb, skh, skt, smb,
+                   BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SEL_BITS: tl.constexpr,
+                   STOP: tl.constexpr):
+    """One tile of BM query rows: sweeps A, R (T). Stores the raw row max (MX) and the threshold (TT, TJ) per row.
+    STOP != 0 only for the timing breakdown (bench/check_topk_gpu.py): stop after A (1), the bisection (2)."""
+    bh = tl.program_id(1)
+    m0 = (NM - 1 - tl.program_id(0)) * BM  # longest (causal) rows first
+    b = bh // H
+    h = bh % H
+    rows = m0 + tl.arange(0, BM)
+    rmask = rows < T
+    cd = tl.arange(0, DP)
+    Kb = K + b.to(tl.int64) * skb + h * skh
+    KPMb = KPM + b.to(tl.int64) * smb
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :],
+                mask=rmask[:, None] & (cd[None, :] < DK), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if CAUSAL:
+        n_end = tl.minimum(S, m0 + BM + off)
+    else:
+        n_end = S
+
+    # A. the 3 largest scores of every group
+    g1 = tl.full([BM, BN], NEG, tl.float32)
+    g2 = tl.full([BM, BN], NEG, tl.float32)
+    g3 = tl.full([BM, BN], NEG, tl.float32)
+    for n0 in range(0, n_end, BN):
+        s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        x = tl.maximum(g1, s)
+        s = tl.minimum(g1, s)
+        g1 = x
+        x = tl.maximum(g2, s)
+        s = tl.minimum(g2, s)
+        g2 = x
+        g3 = tl.maximum(g3, s)
+    r = bh.to(tl.int64) * T + rows
+    tl.store(MX + r, tl.max(g1, 1), mask=rmask)
+    if STOP == 1:
+        return
+    # L: a lower bound of the KK-th largest kept score, bit by bit from the top of its order-preserving key. A row
+    # stops once at most KK + 1 kept scores reach L (R then sees ~1 extra), the tile when every row has stopped.
+    k1 = _key(g1)
+    k2 = _key(g2)
+    k3 = _key(g3)
+    ans = tl.full([BM], -2147483648, tl.int64)  # below every key: all 3 * BN kept scores reach it
+    act = rmask
+    w = tl.full([], 1 << 32, tl.int64)  # halved before use: the first probe is key 0
+    go = tl.max(act.to(tl.int32), 0) > 0
+    while go:
+        w = w // 2
+        c = (ans + w).to(tl.int32)[:, None]
+        n = tl.sum((k1 >= c).to(tl.int32) + (k2 >= c).to(tl.int32) + (k3 >= c).to(tl.int32), 1)
+        up = act & (n >= KK)
+        ans = tl.where(up, ans + w, ans)
+        act = act & ~(up & (n <= KK + 1))
+        go = (w > (1 << (32 - SEL_BITS))) & (tl.max(act.to(tl.int32), 0) > 0)
+    lo = tl.where(ans > KEY_NEG_INF, _unkey((ans - 1).to(tl.int32)), NEG)  # s > lo <=> s >= L
+    if STOP == 2:
+        tl.store(TT + r, lo, mask=rmask)
+        return
+
+    # R. count above lo until every row has its threshold (state 0: counting, 1: done, 2: tie at ts)
+    state = tl.where(rmask, 0, 1)
+    t = tl.full([BM], NEG, tl.float32)
+    while tl.max(tl.where(state == 0, 1, 0), 0) > 0:
+        cnt, nb, u1, u2, u3 = _count_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, lo,
+                                          BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        e = cnt - KK
+        act = state == 0
+        # e < 0: all visible keys when lo = -inf, else (lo came from a step below) the k-th score ties at lo
+        fin = act & (((e < 0) & (lo == NEG)) | (e == 0))
+        t = tl.where(fin, _mid(nb, u1), t)
+        sep1 = act & (e == 1) & (u1 < u2)
+        sep2 = act & (e == 2) & (u2 < u3)
+        t = tl.where(sep1, _mid(u1, u2), t)
+        t = tl.where(sep2, _mid(u2, u3), t)
+        tie0 = act & (e < 0) & (lo > NEG)
+        tie1 = act & (e == 1) & (u1 == u2)
+        tie2 = act & (e == 2) & (u2 == u3)
+        t = tl.where(tie0, lo, tl.where(tie1, u1, tl.where(tie2, u2, t)))
+        state = tl.where(fin | sep1 | sep2, 1, tl.where(tie0 | tie1 | tie2, 2, state))
+        lo = tl.where(act & (e >= 3), u3, lo)
+
+    # T. ties at the boundary: the key index tj that lets exactly k through, by bisection on [0, S]
+    tie = state == 2
+    xlo = tl.zeros([BM], dtype=tl.int32)
+    xhi = tl.where(tie, S, 0)
+    while tl.max(xhi - xlo, 0) > 1:
+        mid = (xlo + xhi) // 2
+        gt, eq = _tie_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, t, mid,
+                           BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        busy = xhi - xlo > 1
+        up = gt + eq >= KK
+        xhi = tl.where(busy & up, mid, xhi)
+        xlo = tl.where(busy & ~up, mid, xlo)
+    tl.store(TT + r, t, mask=rmask)
+    tl.store(TJ + r, tl.where(tie, xhi, 0), mask=rmask)
+
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, T, S, H, DK, DV, off, qk2, NM,
+                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb,
+                BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Sweep F, the masked forward: out = sum p v / sum p with p = exp(scale (s - max)) where selected. The row max
+    is selected (k >= 1), so p <= 1 and sum p >= 1 on a non-empty row. Stores out and the base-2 log-sum-exp of
+    the selected scaled scores (LSE; qk2 = scale * log2(e))."""
+    bh = tl.program_id(1)
+    m0 = (NM - 1 - tl.program_id(0)) * BM
+    b = bh // H
+    h = bh % H
+    rows = m0 + tl.arange(0, BM)
+    rmask = rows < T
+    cd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    Kb = K + b.to(tl.int64) * skb + h * skh
+    Vb = V + b.to(tl.int64) * svb + h * svh
+    KPMb = KPM + b.to(tl.int64) * smb
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :],
+                mask=rmask[:, None] & (cd[None, :] < DK), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if CAUSAL:
+        n_end = tl.minimum(S, m0 + BM + off)
+    else:
+        n_end = S
+    r = bh.to(tl.int64) * T + rows
+    mx = tl.load(MX + r, mask=rmask, other=0.0)
+    t = tl.load(TT + r, mask=rmask, other=POS)
+    tj = tl.load(TJ + r, mask=rmask, other=0)
+    LEX = tl.max(tj, 0) > 0
+    acc = tl.zeros([BM, DVP], dtype=tl.float32)
+    den = tl.zeros([BM], dtype=tl.float32)
+    for n0 in range(0, n_end, BN):
+        s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        cols = n0 + tl.arange(0, BN)
+        p = tl.where(_selected(s, cols, t, tj, LEX), tl.exp2((s - mx[:, None]) * qk2), 0.0)
+        den += tl.sum(p, 1)
+        v = tl.load(Vb + cols[:, None] * svt + dv[None, :], mask=(cols[:, None] < S) & (dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    live = den > 0
+    out = acc / tl.where(live, den, 1.0)[:, None]
+    tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None] * sot + dv[None, :], out.to(O.dtype.element_ty),
+             mask=rmask[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + r, tl.where(live, mx * qk2 + tl.log2(tl.where(live, den, 1.0)), 0.0), mask=rmask)
+
+
+@triton.jit
+def _probs(s, cols, rows, bh, T, LSE, TT, TJ, qk2):
+    """exp2(s * qk2 - lse) where selected, else 0, for query rows `rows` (padding rows: nothing selected)."""
+    r = bh.to(tl.int64) * T + rows
+    rm = rows < T
+    t = tl.load(TT + r, mask=rm, other=POS)
+    tj = tl.load(TJ + r, mask=rm, other=0)
+    lse = tl.load(LSE + r, mask=rm, other=0.0)
+    sel = (s > t[:, None]) | ((s == t[:, None]) & (cols[None, :] < tj[:, None]))
+    return tl.where(sel, tl.exp2(s * qk2 - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, KPM, O, DO, LSE, TT, TJ, DELTA, DQ, T, S, H, DK, DV, off, scale, qk2, NM,
+                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdb, sdh, sdt, smb,
+                   BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ of BM query rows over their keys; also stores delta = rowsum(dO * O) for the dK/dV kernel."""
+    bh = tl.program_id(1)
+    m0 = (NM - 1 - tl.program_id(0)) * BM
+    b = bh // H
+    h = bh % H
+    rows = m0 + tl.arange(0, BM)
+    rmask = rows < T
+    cd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    mq = rmask[:, None] & (cd[None, :] < DK)
+    mv = rmask[:, None] & (dv[None, :] < DV)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :], mask=mq, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h * sdh + rows[:, None] * sdt + dv[None, :], mask=mv, other=0.0)
+    o = tl.load(O + b.to(tl.int64) * sob + h * soh + rows[:, None] * sot + dv[None, :], mask=mv, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rmask)
+    Kb = K + b.to(tl.int64) * skb + h * skh
+    Vb = V + b.to(tl.int64) * svb + h * svh
+    KPMb = KPM + b.to(tl.int64) * smb
+    if CAUSAL:
+        n_end = tl.minimum(S, m0 + BM + off)
+    else:
+        n_end = S
+    dq = tl.zeros([BM, DP], dtype=tl.float32)
+    for n0 in range(0, n_end, BN):
+        s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        cols = n0 + tl.arange(0, BN)
+        p = _probs(s, cols, rows, bh, T, LSE, TT, TJ, qk2)
+        vt = tl.load(Vb + cols[None, :] * svt + dv[:, None], mask=(cols[None, :] < S) & (dv[:, None] < DV), other=0.0)
+        k = tl.load(Kb + cols[:, None] * skt + cd[None, :], mask=(cols[:, None] < S) & (cd[None, :] < DK), other=0.0)
+        if UPCAST:
+            vt = vt.to(tl.float32)
+            k = k.to(tl.float32)
+        ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(DQ + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=mq)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, T, S, H, DK, DV, off, scale, qk2, NM,
+                     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, smb,
+                     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dK, dV of BN keys over the query tiles that can see them. The score tile is computed exactly as in the
+    forward (q tile times the transposed key tile, via _scores), so the selection matches bit for bit."""
+    bh = tl.program_id(1)
+    n0 = tl.program_id(0) * BN
+    b = bh // H
+    h = bh % H
+    cols = n0 + tl.arange(0, BN)
+    cd = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    Kb = K + b.to(tl.int64) * skb + h * skh
+    Vb = V + b.to(tl.int64) * svb + h * svh
+    KPMb = KPM + b.to(tl.int64) * smb
+    vt = tl.load(Vb + cols[None, :] * svt + dv[:, None], mask=(cols[None, :] < S) & (dv[:, None] < DV), other=0.0)
+    if UPCAST:
+        vt = vt.to(tl.float32)
+    dk = tl.zeros([BN, DP], dtype=tl.float32)
+    dvacc = tl.zeros([BN, DVP], dtype=tl.float32)
+    m_start = 0
+    if CAUSAL:
+        m_start = (tl.maximum(n0 - off, 0) // BM) * BM
+    for m0 in range(m_start, T, BM):
+        rows = m0 + tl.arange(0, BM)
+        rmask = rows < T
+        q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :],
+                    mask=rmask[:, None] & (cd[None, :] < DK), other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * sdb + h * sdh + rows[:, None] * sdt + dv[None, :],
+                     mask=rmask[:, None] & (dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        p = _probs(s, cols, rows, bh, T, LSE, TT, TJ, qk2)
+        delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
+        dvacc += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
+        ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+    base = bh.to(tl.int64) * S
+    tl.store(DK_ + (base + cols[:, None]) * DK + cd[None, :], (dk * scale).to(DK_.dtype.element_ty),
+             mask=(cols[:, None] < S) & (cd[None, :] < DK))
+    tl.store(DV_ + (base + cols[:, None]) * DV + dv[None, :], dvacc.to(DV_.dtype.element_ty),
+             mask=(cols[:, None] < S) & (dv[None, :] < DV))
+
+
+def _common(q, k, key_padding_mask):
+    kpm = (key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None
+           else torch.empty(1, 1, dtype=torch.int8, device=q.device))
+    # fp32 inputs: exact fp32 dots (tf32 would move the selection); the interpreter's bf16 dot is upcast
+    upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+    prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+    return kpm, upcast, prec
+
+
+def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale):
+    """q (B, H, T, d), k (B, H, S, d), v (B, H, S, dv), contiguous; 1 <= topk (already min(topk, S)).
+    Returns out (B, H, T, dv) in q's dtype, and per row (B, H, T) the base-2 log-sum-exp (float32) and the
+    threshold (t float32, tj int32) the backward needs."""
+    B, H, T, DK = q.shape
+    S, DV = k.shape[2], v.shape[3]
+    BM, BN, BMS = CONFIG["BM"], CONFIG["BN"], CONFIG["BM_sel"]
+    out = torch.empty(B, H, T, DV, dtype=q.dtype, device=q.device)
+    mx, lse, tt = (torch.empty(B, H, T, dtype=torch.float32, device=q.device) for _ in range(3))
+    tj = torch.empty(B, H, T, dtype=torch.int32, device=q.device)
+    kpm, upcast, prec = _common(q, k, key_padding_mask)
+    meta = dict(BN=BN, DP=_pow2(DK), CAUSAL=causal, HAS_PAD=key_padding_mask is not None, PREC=prec, UPCAST=upcast,
+                num_stages=CONFIG["stages"])
+    stop = CONFIG.get("stop", 0)  # timing breakdown only (bench/check_topk_gpu.py)
+    NS = triton.cdiv(T, BMS)
+    _select_kernel[(NS, B * H)](
+        q, k, kpm, mx, tt, tj, T, S, H, DK, S - T, topk, NS, *q.stride()[:3], *k.stride()[:3], kpm.stride(0),
+        BM=BMS, SEL_BITS=CONFIG["SEL_BITS"], STOP=stop, num_warps=CONFIG["sel_warps"], **meta)
+    if stop:
+        return out, lse, tt, tj
+    NM = triton.cdiv(T, BM)
+    _fwd_kernel[(NM, B * H)](
+        q, k, v, kpm, mx, tt, tj, out, lse, T, S, H, DK, DV, S - T, scale * LOG2E, NM,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], kpm.stride(0),
+        BM=BM, DVP=_pow2(DV), num_warps=CONFIG["warps"], **meta)
+    return out, lse, tt, tj
+
+
+def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, scale):
+    """Gradients of threshold_fwd's output (dq, dk, dv in the inputs' dtypes)."""
+    B, H, T, DK = q.shape
+    S, DV = k.shape[2], v.shape[3]
+    BM, BN = CONFIG["BM"], CONFIG["BN"]
+    NM = triton.cdiv(T, BM)
+    dout = dout.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty(B, H, S, DK, dtype=k.dtype, device=q.device)
+    dv = torch.empty(B, H, S, DV, dtype=v.dtype, device=q.device)
+    delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    kpm, upcast, prec = _common(q, k, key_padding_mask)
+    meta = dict(BM=BM, BN=BN, DP=_pow2(DK), DVP=_pow2(DV), CAUSAL=causal, HAS_PAD=key_padding_mask is not None,
+                PREC=prec, UPCAST=upcast, num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["stages"])
+    _bwd_dq_kernel[(NM, B * H)](
+        q, k, v, kpm, out, dout, lse, tt, tj, delta, dq, T, S, H, DK, DV, S - T, scale, scale * LOG2E, NM,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3], kpm.stride(0),
+        **meta)
+    _bwd_dkdv_kernel[(triton.cdiv(S, BN), B * H)](
+        q, k, v, kpm, dout, lse, tt, tj, delta, dk, dv, T, S, H, DK, DV, S - T, scale, scale * LOG2E, NM,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], kpm.stride(0), **meta)
+    return dq, dk, dv
