@@ -7,10 +7,10 @@ tensor-core tiles throughout, O(T) memory (t, tj and the log-sum-exp per row), d
 
 Finding t, per tile of BM query rows, in sweeps over the key tiles (s = raw dot q . k; scale > 0 keeps the order):
 
-A. Per group (key j is in group j mod BN) the 3 largest scores and the row max. The k-th largest of the 3*BN
-   kept scores (bisection on their order-preserving int32 bits) is a lower bound L of the row's k-th largest: they
-   are distinct scores. A score above L is missed only if its group holds 4 or more of the row's top k; with
-   128 groups and k = 64 that is ~0.2 scores per random row.
+A. Per group (key j is in group j mod BN) the 3 largest scores and the row max. A bisection on the kept scores'
+   order-preserving int32 bits finds L with k (or k + 1) of the 3*BN kept scores >= L: a lower bound of the row's
+   k-th largest, as they are distinct scores. A score above L is missed only if its group holds 4 or more of the
+   row's top k; with 128 groups and k = 64 that is ~0.2 scores per random row.
 R. Count c = #{s > lo} (lo = the float just below L), the largest score <= lo, and the 3 smallest scores > lo
    (per group bottom-3, merged). With e = c - k: e = 0 -> lo separates; e = 1, 2 -> the 1 or 2 smallest go, t sits
    between the e-th and (e+1)-th smallest; e >= 3 -> lo rises to the 3rd smallest and R repeats (rare).
@@ -19,8 +19,10 @@ T. Only when the boundary is a tie (two keys with the k-th score): t = that scor
    the key index: #{s > t} + #{s == t, j < tj} = k. Ties break towards the smaller key index.
 F. The masked forward: p = exp(scale (s - max)) where selected, out = p v / sum p.
 
-All sweeps compute a score tile with the same code and tile shapes (BM x BN, same dot), here and in the backward,
-so they see the same bits. Measured costs: kernels/topk_attn/NOTES.md.
+Kernels: _select_kernel (A, R, T; BM_sel rows, register-heavy), _fwd_kernel (F), _bwd_dq_kernel, _bwd_dkdv_kernel
+(BM rows). All compute a score with the same code (_scores: one tensor-core dot over the same BN-key tile and
+head dim, in the same order), so they see the same bits; on an H200 the tie check (169 tie rows, selection
+BM_sel = 64 against BM = 128 elsewhere) confirmed it. Measured costs: kernels/topk_attn/NOTES.md.
 """
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ import triton.language as tl
 
 from .chunk import NEG, _pow2, _scores
 
-# BM query rows x BN keys per tile (BN = number of groups; 3 * BN >= k or the bound is -inf and R counts all),
-# warps and stages for every kernel here (the same BM, BN in forward and backward: the score bits must agree),
-# SEL_BITS leading bits of the bisection for L (fewer: a lower L, a few more candidates for R).
+# BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / backward tile, BN keys
+# per tile everywhere (= the number of groups; 3 * BN >= k, or the bound is -inf and R counts all), SEL_BITS: at
+# most that many bisection steps for L (fewer: a lower L, more for R to remove). Tuned on an H200 (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 8, "BM": 128, "BN": 128, "warps": 4, "stages": 2, "bwd_warps": 8,
           "SEL_BITS": 32}
 POS = tl.constexpr(float("inf"))
