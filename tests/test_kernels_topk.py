@@ -236,3 +236,12 @@ def test_compiles_for_hopper():
         ("_bwd_dkdv_kernel", dict(base, BM=128, DVP=64), types)])
     if missing:
         pytest.skip(f"no sm_90 toolchain here: {missing}")
+
+
+def test_threshold_op_passes_opcheck():
+    """The threshold kernels' custom op: schema, fake implementation (shapes and dtypes of out, lse, t, tj) and
+    autograd registration, as torch.compile relies on them (causal with padding, and bidirectional)."""
+    q, k, v, kpm = inputs(2, 1, 9, 9, seed=12, pad=True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(function.topk_threshold_fwd, (q, k, v, kpm, 3, True, 0.25))
+    torch.library.opcheck(function.topk_threshold_fwd, (q, k, v, None, 4, False, 0.25))
