@@ -224,16 +224,21 @@ def test_threshold_ties_split_by_key_index(dtype):
 
 
 def test_compiles_for_hopper():
-    """The threshold kernels compile for sm_90 with the default tiles (bf16, causal, padding): Triton's compiler
-    checks what the interpreter lets through (a loop-carried variable changing type once broke the GPU build)."""
+    """The kernels compile for sm_90 with the default tiles (bf16, causal, padding; the sparse forward with its
+    GPU-only inline-PTX sweep): Triton's compiler checks what the interpreter lets through (a loop-carried variable
+    changing type once broke the GPU build of the threshold kernels)."""
     types = {"KPM": "*i8", "MX": "*fp32", "TT": "*fp32", "TJ": "*i32", "LSE": "*fp32", "DELTA": "*fp32",
-             "qk2": "fp32", "scale": "fp32", **{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK_", "DV_")}}
+             "P": "*fp32", "I": "*i32", "SC": "*i32", "CNT": "*i32", "TS": "*fp32", "qk2": "fp32", "scale": "fp32",
+             **{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK_", "DV_")}}
     base = dict(BN=128, DP=64, CAUSAL=True, HAS_PAD=True, PREC="tf32", UPCAST=False)
     missing = compile_for_sm90("attnlab.kernels.topk_attn.threshold", [
         ("_select_kernel", dict(base, BM=64, SEL_BITS=32, STOP=0), types),
         ("_fwd_kernel", dict(base, BM=128, DVP=64), types),
         ("_bwd_dq_kernel", dict(base, BM=128, DVP=64), types),
         ("_bwd_dkdv_kernel", dict(base, BM=128, DVP=64), types)])
+    missing = missing or compile_for_sm90("attnlab.kernels.topk_attn.chunk", [
+        ("_fwd_kernel", dict(base, KK=64, KP=64, BM=64, CAP=128, BS=16, USE_TOPK=True, W=64, GW=64, FAST=True,
+                             STOP=0), types)], warps=4)
     if missing:
         pytest.skip(f"no sm_90 toolchain here: {missing}")
 

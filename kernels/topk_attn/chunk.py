@@ -75,6 +75,25 @@ def _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt,
 
 
 @triton.jit
+def _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
+              BM: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+    """Query rows m0 .. m0+BM-1 of head (b, h): the rows, their mask, the q tile, the head's K and padding-mask
+    pointers, and the end of the keys those rows may see."""
+    rows = m0 + tl.arange(0, BM)
+    rmask = rows < T
+    cd = tl.arange(0, DP)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :],
+                mask=rmask[:, None] & (cd[None, :] < DK), other=0.0)
+    if UPCAST:  # the interpreter's dot on bf16 is wrong: the same (exact) values in float32
+        q = q.to(tl.float32)
+    if CAUSAL:
+        n_end = tl.minimum(S, m0 + BM + off)
+    else:
+        n_end = S
+    return rows, rmask, q, K + b.to(tl.int64) * skb + h * skh, KPM + b.to(tl.int64) * smb, n_end
+
+
+@triton.jit
 def _store_pair(ptr, s, j, m):
     """st.global of (score bits, key) to ptr, ptr + 4 bytes where m: inline PTX, so the scattered store stays in
     the score tile's register layout (tl.store would first move values, masks and pointers into a 'coalesced'
@@ -177,27 +196,14 @@ def _fwd_kernel(Q, K, KPM, P, I, SC, CNT, TS, TJ, T, S, H, DK, off, scale, n_til
     TS += pid * BM
     TJ += pid * BM
     rl = tl.arange(0, BM)
-    cd = tl.arange(0, DP)
     cb = tl.arange(0, BN)
     U = (cb[:, None] <= cb[None, :]).to(tl.bfloat16)  # c @ U = inclusive prefix count along a row
     for t in range(pid, n_tiles, tl.num_programs(0)):
         bh = t // NM
         m0 = (NM - 1 - t % NM) * BM  # longest (causal) rows first
-        b = bh // H
-        h = bh % H
-        rows = m0 + rl
-        rmask = rows < T
-        Qb = Q + b.to(tl.int64) * sqb + h * sqh
-        Kb = K + b.to(tl.int64) * skb + h * skh
+        rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, bh // H, bh % H, m0, T, S, DK, off, sqb, sqh, sqt,
+                                                    skb, skh, smb, BM, DP, CAUSAL, UPCAST)
         PI = bh.to(tl.int64) * T * KK  # P and I are contiguous (B, H, T, KK)
-        KPMb = KPM + b.to(tl.int64) * smb
-        q = tl.load(Qb + rows[:, None] * sqt + cd[None, :], mask=rmask[:, None] & (cd[None, :] < DK), other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        if CAUSAL:
-            n_end = tl.minimum(S, m0 + BM + off)
-        else:
-            n_end = S
 
         # 1. group maxima -> tau = k-th largest of them (a lower bound of the k-th largest score)
         g = tl.full([BM, BN], NEG, tl.float32)

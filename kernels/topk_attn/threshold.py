@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import NEG, _pow2, _scores
+from .chunk import NEG, _pow2, _row_tile, _scores
 
 # BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / backward tile, BN keys
 # per tile everywhere (= the number of groups; 3 * BN >= k, or the bound is -inf and R counts all), SEL_BITS: at
@@ -62,6 +62,25 @@ def _mid(a, b):
 
 
 @triton.jit
+def _keep3(a1, a2, a3, x, LARGEST: tl.constexpr):
+    """Elementwise insertion of x into the sorted lists a1, a2, a3: the 3 largest (LARGEST) or smallest so far."""
+    if LARGEST:
+        y = tl.maximum(a1, x)
+        x = tl.minimum(a1, x)
+        a1 = y
+        y = tl.maximum(a2, x)
+        x = tl.minimum(a2, x)
+        return a1, y, tl.maximum(a3, x)
+    else:
+        y = tl.minimum(a1, x)
+        x = tl.maximum(a1, x)
+        a1 = y
+        y = tl.minimum(a2, x)
+        x = tl.maximum(a2, x)
+        return a1, y, tl.minimum(a3, x)
+
+
+@triton.jit
 def _pop_min(b1, b2, b3, cols):
     """Smallest of the per-group bottom-3 lists, and the lists with that one entry removed."""
     u = tl.min(b1, 1)
@@ -85,14 +104,7 @@ def _count_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, lo,
         up = s > lo[:, None]
         cnt += tl.sum(up.to(tl.int32), 1)
         nb = tl.maximum(nb, tl.max(tl.where(up, NEG, s), 1))
-        c = tl.where(up, s, POS)
-        x = tl.minimum(b1, c)
-        c = tl.maximum(b1, c)
-        b1 = x
-        x = tl.minimum(b2, c)
-        c = tl.maximum(b2, c)
-        b2 = x
-        b3 = tl.minimum(b3, c)
+        b1, b2, b3 = _keep3(b1, b2, b3, tl.where(up, s, POS), False)
     cols = tl.arange(0, BN)
     u1, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
     u2, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
@@ -134,21 +146,8 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, T, S, H, DK, off, KK, NM,
     STOP != 0 only for the timing breakdown (bench/check_topk_gpu.py): stop after A (1), the bisection (2)."""
     bh = tl.program_id(1)
     m0 = (NM - 1 - tl.program_id(0)) * BM  # longest (causal) rows first
-    b = bh // H
-    h = bh % H
-    rows = m0 + tl.arange(0, BM)
-    rmask = rows < T
-    cd = tl.arange(0, DP)
-    Kb = K + b.to(tl.int64) * skb + h * skh
-    KPMb = KPM + b.to(tl.int64) * smb
-    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :],
-                mask=rmask[:, None] & (cd[None, :] < DK), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    if CAUSAL:
-        n_end = tl.minimum(S, m0 + BM + off)
-    else:
-        n_end = S
+    rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, bh // H, bh % H, m0, T, S, DK, off, sqb, sqh, sqt,
+                                                skb, skh, smb, BM, DP, CAUSAL, UPCAST)
 
     # A. the 3 largest scores of every group
     g1 = tl.full([BM, BN], NEG, tl.float32)
@@ -156,13 +155,7 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, T, S, H, DK, off, KK, NM,
     g3 = tl.full([BM, BN], NEG, tl.float32)
     for n0 in range(0, n_end, BN):
         s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
-        x = tl.maximum(g1, s)
-        s = tl.minimum(g1, s)
-        g1 = x
-        x = tl.maximum(g2, s)
-        s = tl.minimum(g2, s)
-        g2 = x
-        g3 = tl.maximum(g3, s)
+        g1, g2, g3 = _keep3(g1, g2, g3, s, True)
     r = bh.to(tl.int64) * T + rows
     tl.store(MX + r, tl.max(g1, 1), mask=rmask)
     if STOP == 1:
@@ -240,21 +233,10 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, T, S, H, DK, DV, off, qk2, NM,
     m0 = (NM - 1 - tl.program_id(0)) * BM
     b = bh // H
     h = bh % H
-    rows = m0 + tl.arange(0, BM)
-    rmask = rows < T
-    cd = tl.arange(0, DP)
+    rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
+                                                BM, DP, CAUSAL, UPCAST)
     dv = tl.arange(0, DVP)
-    Kb = K + b.to(tl.int64) * skb + h * skh
     Vb = V + b.to(tl.int64) * svb + h * svh
-    KPMb = KPM + b.to(tl.int64) * smb
-    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :],
-                mask=rmask[:, None] & (cd[None, :] < DK), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    if CAUSAL:
-        n_end = tl.minimum(S, m0 + BM + off)
-    else:
-        n_end = S
     r = bh.to(tl.int64) * T + rows
     mx = tl.load(MX + r, mask=rmask, other=0.0)
     t = tl.load(TT + r, mask=rmask, other=POS)
@@ -300,27 +282,18 @@ def _bwd_dq_kernel(Q, K, V, KPM, O, DO, LSE, TT, TJ, DELTA, DQ, T, S, H, DK, DV,
     m0 = (NM - 1 - tl.program_id(0)) * BM
     b = bh // H
     h = bh % H
-    rows = m0 + tl.arange(0, BM)
-    rmask = rows < T
+    rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
+                                                BM, DP, CAUSAL, UPCAST)
     cd = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
-    mq = rmask[:, None] & (cd[None, :] < DK)
     mv = rmask[:, None] & (dv[None, :] < DV)
-    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :], mask=mq, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * sdb + h * sdh + rows[:, None] * sdt + dv[None, :], mask=mv, other=0.0)
     o = tl.load(O + b.to(tl.int64) * sob + h * soh + rows[:, None] * sot + dv[None, :], mask=mv, other=0.0)
     if UPCAST:
-        q = q.to(tl.float32)
         do = do.to(tl.float32)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rmask)
-    Kb = K + b.to(tl.int64) * skb + h * skh
     Vb = V + b.to(tl.int64) * svb + h * svh
-    KPMb = KPM + b.to(tl.int64) * smb
-    if CAUSAL:
-        n_end = tl.minimum(S, m0 + BM + off)
-    else:
-        n_end = S
     dq = tl.zeros([BM, DP], dtype=tl.float32)
     for n0 in range(0, n_end, BN):
         s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
@@ -334,7 +307,7 @@ def _bwd_dq_kernel(Q, K, V, KPM, O, DO, LSE, TT, TJ, DELTA, DQ, T, S, H, DK, DV,
         ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=mq)
+             (dq * scale).to(DQ.dtype.element_ty), mask=rmask[:, None] & (cd[None, :] < DK))
 
 
 @triton.jit
