@@ -70,6 +70,7 @@ def run_case(op, p):
 
     import attnlab.kernels.linear_attn.chunk as chunk
     import attnlab.kernels.topk_attn.chunk as tchunk
+    import attnlab.kernels.topk_attn.threshold as thr
     from attnlab.kernels import fit
     from attnlab.kernels.linear_attn import linear_attention, linear_attention_step
     from attnlab.kernels.linear_attn.reference import linear_attention_ref, linear_attention_step_ref
@@ -77,12 +78,14 @@ def run_case(op, p):
     from attnlab.kernels.memsizer import memsizer, memsizer_step
     from attnlab.kernels.memsizer.reference import memsizer_ref, memsizer_step_ref
     from attnlab.kernels.topk_attn import topk_attention
+    from attnlab.kernels.topk_attn.function import takes_threshold
     from attnlab.kernels.topk_attn.reference import topk_attention_dense
 
     chunk.CONFIG.update(json.loads(os.environ.get("FIT_CONFIG", "{}")))  # --config
     fns = [chunk._state_kernel, chunk._prefix_kernel, chunk._fwd_kernel, chunk._bwd_q_kernel, chunk._bwd_kv_kernel,
            chunk._bwd_chunk_kernel, chunk._dden_kernel, tchunk._fwd_kernel,
-           tchunk._out_kernel, tchunk._bwd_kernel, _step_kernel]
+           tchunk._out_kernel, tchunk._bwd_kernel, thr._select_kernel, thr._fwd_kernel, thr._bwd_dq_kernel,
+           thr._bwd_dkdv_kernel, _step_kernel]
     before = _compiled(fns)
     dev, dt = os.environ.get("FIT_DEVICE", "cuda"), getattr(torch, p["dt"])  # cpu + TRITON_INTERPRET=1: a smoke run
     g = torch.Generator(device=dev).manual_seed(hash((op, tuple(sorted(p.items())))) % 2 ** 31)
@@ -129,9 +132,10 @@ def run_case(op, p):
         # float64 dense top-k on the same (rounded) inputs; bf16 may pick a few other keys where scores tie
         exp = ref(lambda q, k, v: topk_attention_dense(q, k, v, kk, True), xs, dy)
         path = "triton"
-        c = fit.fit_topk(dh, 1 << (kk - 1).bit_length(), dt.itemsize, smem)
-        est["_fwd_kernel"] = fit.topk_smem(c["BM"], c["BN"], max(16, 1 << (dh - 1).bit_length()), dt.itemsize,
-                                           c["stages"])
+        if not takes_threshold(T, dh, dh):  # the sparse kernels (fitted); the threshold kernels have no estimate
+            c = fit.fit_topk(dh, 1 << (kk - 1).bit_length(), dt.itemsize, smem)
+            est["_fwd_kernel"] = fit.topk_smem(c["BM"], c["BN"], max(16, 1 << (dh - 1).bit_length()), dt.itemsize,
+                                               c["stages"])
     elif op == "linear_step":
         H, dh = 8, p["dh"]
         q, k, v = (rnd(64, H, dh).to(dt) for _ in range(3))

@@ -250,3 +250,15 @@ def test_threshold_op_passes_opcheck():
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(function.topk_threshold_fwd, (q, k, v, kpm, 3, True, 0.25))
     torch.library.opcheck(function.topk_threshold_fwd, (q, k, v, None, 4, False, 0.25))
+
+
+def test_threshold_top_k_in_one_group():
+    """Adversarial for sweep A: every key of group 0 (j = 0 mod 8) outscores all others, so a row's top k = 10 sit
+    in one group, which keeps only 3 of them. R then raises its bound 3 scores at a time, several sweeps, and the
+    result is still exact."""
+    q, k, v, _ = inputs(1, 1, 24, 129, seed=14)
+    u = torch.randn(16, generator=torch.Generator().manual_seed(15))
+    q += 3 * u
+    k[:, :, ::8] += 3 * u  # group 0 of 8: 17 keys, all above every other score of a row
+    assert (hidden_above_bound(q, k, 10, BN=8) >= 6).all()  # every row needs >= 2 R sweeps
+    check(q, k, v, 10, False)
