@@ -32,11 +32,12 @@ import triton.language as tl
 
 from .chunk import NEG, _pow2, _row_tile, _scores
 
-# BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / backward tile, BN keys
+# BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BM_kv per
+# query tile of the dk/dv kernel (its sweep runs over the query tiles that see a key tile), BN keys
 # per tile everywhere (= the number of groups; 3 * BN >= k, or the bound is -inf and R counts all), SEL_BITS: at
 # most that many bisection steps for L (fewer: a lower L, more for R to remove). Tuned on an H200 (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 8, "BM": 128, "BN": 128, "warps": 4, "stages": 2, "bwd_warps": 8,
-          "SEL_BITS": 32}
+          "BM_kv": 128, "SEL_BITS": 32}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 LOG2E = 1.4426950408889634
@@ -311,7 +312,7 @@ def _bwd_dq_kernel(Q, K, V, KPM, O, DO, LSE, TT, TJ, DELTA, DQ, T, S, H, DK, DV,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, T, S, H, DK, DV, off, scale, qk2, NM,
+def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, T, S, H, DK, DV, off, scale, qk2,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, smb,
                      BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -407,13 +408,14 @@ def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, sca
     dv = torch.empty(B, H, S, DV, dtype=v.dtype, device=q.device)
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     kpm, upcast, prec = _common(q, k, key_padding_mask)
-    meta = dict(BM=BM, BN=BN, DP=_pow2(DK), DVP=_pow2(DV), CAUSAL=causal, HAS_PAD=key_padding_mask is not None,
+    meta = dict(BN=BN, DP=_pow2(DK), DVP=_pow2(DV), CAUSAL=causal, HAS_PAD=key_padding_mask is not None,
                 PREC=prec, UPCAST=upcast, num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["stages"])
     _bwd_dq_kernel[(NM, B * H)](
         q, k, v, kpm, out, dout, lse, tt, tj, delta, dq, T, S, H, DK, DV, S - T, scale, scale * LOG2E, NM,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3], kpm.stride(0),
-        **meta)
+        BM=BM, **meta)
     _bwd_dkdv_kernel[(triton.cdiv(S, BN), B * H)](
-        q, k, v, kpm, dout, lse, tt, tj, delta, dk, dv, T, S, H, DK, DV, S - T, scale, scale * LOG2E, NM,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], kpm.stride(0), **meta)
+        q, k, v, kpm, dout, lse, tt, tj, delta, dk, dv, T, S, H, DK, DV, S - T, scale, scale * LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], kpm.stride(0),
+        BM=CONFIG["BM_kv"], **meta)
     return dq, dk, dv
