@@ -1,5 +1,6 @@
 """GPU check of the fused top-k attention kernels: correctness against float64 references (medium shapes and the
-full benchmark size), then forward and forward+backward time and peak memory against PyTorch SDPA (flash).
+full benchmark size), then forward and forward+backward time and peak memory against PyTorch SDPA (its default
+backend, and flash).
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/check_topk_gpu.py --out $OUT
 

@@ -2,8 +2,8 @@
 
 * threshold.py: per query row a threshold found by counting sweeps, then flash-attention-style masked forward
   and backward on the tensor cores. Saved for backward: q, k, v, the output and three numbers per row.
-* chunk.py (the sparse kernels): per row the top-k softmax weights P (float32) and key indices I (int32), O(T * k); the
-  backward gathers the k keys and scatters into dK, dV with float32 atomics.
+* chunk.py (the sparse kernels): per row the top-k softmax weights P (float32) and key indices I (int32),
+  O(T * k); the backward gathers the k keys and scatters into dK, dV with float32 atomics.
 
 Which one runs (measured on an H200, kernels/topk_attn/NOTES.md): the threshold kernels up to THRESHOLD_MAX_T
 query rows (2-4x faster than the sparse ones at T <= 4096, 31.7 ms against ~40 at 8192, but 121 against 98 ms at
@@ -79,8 +79,8 @@ _topk_attn = eager_or_compiled(topk_attn_fwd, _topk_attn_fwd, _setup, _backward(
 
 
 def _topk_threshold_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                    topk: int, causal: bool, scale: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        topk: int, causal: bool, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, t, tj): see threshold.threshold_fwd."""
     return threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale)
 
@@ -96,8 +96,8 @@ def _(q, k, v, key_padding_mask, topk, causal, scale):
 
 
 def _topk_threshold_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                    lse: torch.Tensor, t: torch.Tensor, tj: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                    causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        lse: torch.Tensor, t: torch.Tensor, tj: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                        causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return threshold_bwd(q, k, v, out, dout, lse, t, tj, causal, key_padding_mask, scale)
 
 
