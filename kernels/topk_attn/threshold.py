@@ -129,6 +129,13 @@ def _tie_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, ts, x,
 
 
 @triton.jit
+def _tile_ids(NM, BM: tl.constexpr, H):
+    """This program's (batch * head, batch, head, first query row); the longest (causal) rows first."""
+    bh = tl.program_id(1)
+    return bh, bh // H, bh % H, (NM - 1 - tl.program_id(0)) * BM
+
+
+@triton.jit
 def _selected(s, cols, t, tj, LEX):
     """The mask (s, -j) > (t, -tj): s > t, or a tie at t with a key index below tj (only when LEX)."""
     sel = s > t[:, None]
@@ -145,10 +152,9 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, T, S, H, DK, off, KK, NM,
                    STOP: tl.constexpr):
     """One tile of BM query rows: sweeps A, R (T). Stores the raw row max (MX) and the threshold (TT, TJ) per row.
     STOP != 0 only for the timing breakdown (bench/check_topk_gpu.py): stop after A (1), the bisection (2)."""
-    bh = tl.program_id(1)
-    m0 = (NM - 1 - tl.program_id(0)) * BM  # longest (causal) rows first
-    rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, bh // H, bh % H, m0, T, S, DK, off, sqb, sqh, sqt,
-                                                skb, skh, smb, BM, DP, CAUSAL, UPCAST)
+    bh, b, h, m0 = _tile_ids(NM, BM, H)
+    rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
+                                                BM, DP, CAUSAL, UPCAST)
 
     # A. the 3 largest scores of every group
     g1 = tl.full([BM, BN], NEG, tl.float32)
@@ -230,10 +236,7 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, T, S, H, DK, DV, off, qk2, NM,
     """Sweep F, the masked forward: out = sum p v / sum p with p = exp(scale (s - max)) where selected. The row max
     is selected (k >= 1), so p <= 1 and sum p >= 1 on a non-empty row. Stores out and the base-2 log-sum-exp of
     the selected scaled scores (LSE; qk2 = scale * log2(e))."""
-    bh = tl.program_id(1)
-    m0 = (NM - 1 - tl.program_id(0)) * BM
-    b = bh // H
-    h = bh % H
+    bh, b, h, m0 = _tile_ids(NM, BM, H)
     rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
                                                 BM, DP, CAUSAL, UPCAST)
     dv = tl.arange(0, DVP)
@@ -279,10 +282,7 @@ def _bwd_dq_kernel(Q, K, V, KPM, O, DO, LSE, TT, TJ, DELTA, DQ, T, S, H, DK, DV,
                    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dQ of BM query rows over their keys; also stores delta = rowsum(dO * O) for the dK/dV kernel."""
-    bh = tl.program_id(1)
-    m0 = (NM - 1 - tl.program_id(0)) * BM
-    b = bh // H
-    h = bh % H
+    bh, b, h, m0 = _tile_ids(NM, BM, H)
     rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
                                                 BM, DP, CAUSAL, UPCAST)
     cd = tl.arange(0, DP)
