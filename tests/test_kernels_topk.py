@@ -23,7 +23,7 @@ from attnlab.kernels.topk_attn.reference import attention_over, threshold_keep, 
 pytestmark = pytest.mark.usefixtures("poison")
 # small tiles: 8 groups, 16 candidate slots, 2 persistent programs (several tiles each)
 CFG = dict(BM=16, BN=8, CAP=16, BS=16, KC=4, BMB=16, progs_per_sm=1)
-THRESHOLD_CFG = dict(BM=16, BM_sel=16, BN=8, BM_kv=8)  # 8 groups: 24 kept scores per row in sweep A
+THRESHOLD_CFG = dict(BM=16, BM_sel=16, BN=8, BM_kv=8, BN_kv=16)  # 8 groups: 24 kept scores per row in A
 
 
 @pytest.fixture(autouse=True)
@@ -236,7 +236,8 @@ def test_compiles_for_hopper():
         ("_fwd_kernel", dict(base, BM=128, DVP=64), types),
         ("_bwd_dq_kernel", dict(base, BM=128, DVP=64), types),
         ("_bwd_dkdv_kernel", dict(base, BM=128, DVP=64), types),
-        ("_bwd_dkdv_kernel", dict(base, BM=64, DVP=64), types)])
+        ("_bwd_dkdv_kernel", dict(base, BM=64, DVP=64), types),
+        ("_bwd_dkdv_kernel", dict(base, BM=64, DVP=64, BN=64), types)])
     missing = missing or compile_for_sm90("attnlab.kernels.topk_attn.chunk", [
         ("_fwd_kernel", dict(base, KK=64, KP=64, BM=64, CAP=128, BS=16, USE_TOPK=True, W=64, GW=64, FAST=True,
                              STOP=0), types)], warps=4)

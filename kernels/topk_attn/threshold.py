@@ -20,9 +20,10 @@ T. Only when the boundary is a tie (two keys with the k-th score): t = that scor
 F. The masked forward: p = exp(scale (s - max)) where selected, out = p v / sum p.
 
 Kernels: _select_kernel (A, R, T; BM_sel rows, register-heavy), _fwd_kernel (F), _bwd_dq_kernel, _bwd_dkdv_kernel
-(BM rows). All compute a score with the same code (_scores: one tensor-core dot over the same BN-key tile and
-head dim, in the same order), so they see the same bits; on an H200 the tie check (169 tie rows, selection
-BM_sel = 64 against BM = 128 elsewhere) confirmed it. Measured costs: kernels/topk_attn/NOTES.md.
+(BM rows). All compute a score with the same code (_scores: one tensor-core dot over the head dim, in the same
+order), so they see the same bits whatever the tile shape; on an H200 the tie check (169 tie rows, selection
+BM_sel = 64 against BM = 128 elsewhere) confirmed it for the row tiles (a dk/dv key tile BN_kv other than BN is
+not yet checked on a GPU). Measured costs: kernels/topk_attn/NOTES.md.
 """
 from __future__ import annotations
 
@@ -32,12 +33,13 @@ import triton.language as tl
 
 from .chunk import NEG, _pow2, _row_tile, _scores
 
-# BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BM_kv per
-# query tile of the dk/dv kernel (its sweep runs over the query tiles that see a key tile), BN keys
-# per tile everywhere (= the number of groups; 3 * BN >= k, or the bound is -inf and R counts all), SEL_BITS: at
-# most that many bisection steps for L (fewer: a lower L, more for R to remove). Tuned on an H200 (NOTES.md).
+# BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN keys per
+# tile (= the number of groups; 3 * BN >= k, or the bound is -inf and R counts all); the dk/dv kernel: BN_kv keys
+# per program, BM_kv query rows per step of its sweep over the query tiles that see them (a score's bits do not
+# depend on the tile shape, see the module docstring). SEL_BITS: at most that many bisection steps for L (fewer: a
+# lower L, more for R to remove). Tuned on an H200 (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 8, "BM": 128, "BN": 128, "warps": 4, "stages": 2, "bwd_warps": 8,
-          "BM_kv": 128, "SEL_BITS": 32}
+          "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 LOG2E = 1.4426950408889634
@@ -414,8 +416,9 @@ def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, sca
         q, k, v, kpm, out, dout, lse, tt, tj, delta, dq, T, S, H, DK, DV, S - T, scale, scale * LOG2E, NM,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3], kpm.stride(0),
         BM=BM, **meta)
-    _bwd_dkdv_kernel[(triton.cdiv(S, BN), B * H)](
+    BNK = CONFIG["BN_kv"]
+    _bwd_dkdv_kernel[(triton.cdiv(S, BNK), B * H)](
         q, k, v, kpm, dout, lse, tt, tj, delta, dk, dv, T, S, H, DK, DV, S - T, scale, scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], kpm.stride(0),
-        BM=CONFIG["BM_kv"], **meta)
+        BM=CONFIG["BM_kv"], **{**meta, "BN": BNK})
     return dq, dk, dv
