@@ -31,10 +31,8 @@ _COMPILE = """
 import importlib, json, sys
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-module, specs, warps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-m = importlib.import_module(module)
-for name, consts, types in specs:
-    fn = getattr(m, name)
+for module, name, consts, types, warps in json.loads(sys.argv[1]):
+    fn = getattr(importlib.import_module(module), name)
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     try:
@@ -42,21 +40,62 @@ for name, consts, types in specs:
     except FileNotFoundError as e:  # no ptxas: nothing to say about the kernels
         print("NO-TOOLCHAIN", e)
         sys.exit(0)
+    except Exception as e:
+        print(f"FAILED {module}.{name} {consts} (num_warps={warps}): {type(e).__name__}: {e}")
+        sys.exit(1)
 """
 
 
-def compile_for_sm90(module, specs, warps=8):
-    """Compile Triton kernels of ``module`` for an H100/H200 (sm_90) in a fresh process without the interpreter
-    (TRITON_INTERPRET=0: real JIT functions; no GPU needed). specs: [(kernel name, constexprs, {arg: type})],
-    types as Triton signatures ("*bf16", "fp32"; default "i32"). Returns the child's output if the toolchain is
-    missing (the caller skips), None when everything compiled; a compilation error raises with its message."""
+def compile_for_sm90(specs):
+    """Compile Triton kernels for an H100/H200 (sm_90) in one fresh process without the interpreter
+    (TRITON_INTERPRET=0: real JIT functions; no GPU needed). specs: [(module, kernel name, constexprs, {arg: type},
+    num_warps)], types as Triton signatures ("*bf16", "fp32"; default "i32"), e.g. from record_launches. Returns the
+    child's output if the toolchain is missing (the caller skips), None when everything compiled; a compilation
+    error raises with its message."""
     import json
     import os
     import subprocess
     import sys
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE, module, json.dumps(specs), str(warps)], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(specs)], env=env, capture_output=True, text=True,
+                       timeout=900)
     if r.returncode != 0:
-        raise AssertionError(f"{module}: sm_90 compilation failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        raise AssertionError(f"sm_90 compilation failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r.stdout if "NO-TOOLCHAIN" in r.stdout else None
+
+
+_DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32", "torch.float64": "fp64",
+           "torch.int32": "i32", "torch.int64": "i64", "torch.int8": "i8", "torch.uint8": "u8", "torch.bool": "i1"}
+
+
+def record_launches(monkeypatch):
+    """Record every Triton kernel launched from now on (in the interpreter) as a compile_for_sm90 spec, argument
+    types read off the real call; returns the list it fills (each distinct launch once)."""
+    import inspect
+
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+    seen, real = [], InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        fn = self.fn
+        params = list(inspect.signature(fn).parameters.values())
+        bound = dict(zip([p.name for p in params], args))
+        bound.update(kwargs)
+        consts, types = {}, {}
+        for p in params:
+            v = bound.get(p.name, p.default)
+            if "constexpr" in str(p.annotation):
+                consts[p.name] = v
+            elif isinstance(v, torch.Tensor):
+                types[p.name] = "*" + _DTYPES[str(v.dtype)]
+            elif isinstance(v, float):
+                types[p.name] = "fp32"
+            elif isinstance(v, int) and not -2 ** 31 <= v < 2 ** 31:
+                types[p.name] = "i64"
+        spec = [fn.__module__, fn.__name__, consts, types, kwargs.get("num_warps", 4)]
+        if spec not in seen:
+            seen.append(spec)
+        return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return seen

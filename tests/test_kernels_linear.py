@@ -10,7 +10,7 @@ import triton  # noqa: E402
 import attnlab.kernels.linear_attn.chunk as chunk  # noqa: E402
 import attnlab.kernels.linear_attn.function as function  # noqa: E402
 import attnlab.kernels.linear_attn.recurrent as recurrent  # noqa: E402
-from kernel_utils import TOL, rel, run_id, serial_mode  # noqa: E402
+from kernel_utils import TOL, compile_for_sm90, record_launches, rel, run_id, serial_mode  # noqa: E402
 from attnlab.kernels.linear_attn.reference import exclusive_scan_ref, linear_attention_ref, \
     linear_attention_step_ref  # noqa: E402
 
@@ -227,3 +227,27 @@ def test_step_dispatch_falls_back_for_features_wider_than_the_kernel(monkeypatch
         assert bool(calls) == expect_kernel and rel(y, ref) < 1e-5
     with pytest.raises(ValueError, match="backend='torch'"):
         op.linear_attention_step(q, k, v, S, z, backend="triton")
+
+
+def test_compiles_for_hopper(monkeypatch):
+    """Every kernel that bf16 calls at the model's head width (d = 64) launch -- causal by runs, by the serial state
+    pass, bidirectional, with padding, and the decode step -- compiles for sm_90 as launched: Triton's compiler
+    checks what the interpreter lets through (e.g. a loop-carried variable changing type)."""
+    from attnlab.kernels.linear_attn import linear_attention_step
+    launches = record_launches(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 130, 64, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    mask = padding(1, 130, g)
+    for mode in (4, "serial"):
+        serial_mode(monkeypatch, mode)
+        monkeypatch.setitem(chunk.CONFIG, "programs", 4 if mode == 4 else 0)
+        monkeypatch.setitem(chunk.CONFIG, "run_min_chunks", 0)
+        monkeypatch.setitem(chunk.CONFIG, "one_chunk_runs", 0)
+        function.linear_attention_triton(q, k, v, causal=True, key_padding_mask=mask).float().sum().backward()
+    function.linear_attention_triton(q, k, v, causal=False).float().sum().backward()
+    S, z = torch.rand(1, 2, 64, 64), torch.rand(1, 2, 64) + 1
+    linear_attention_step(q[:, :, 0].detach(), k[:, :, 0].detach(), v[:, :, 0].detach(), S, z, backend="triton")
+    assert {"_prefix_kernel", "_state_kernel", "_bwd_chunk_kernel", "_step_kernel"} <= {s[1] for s in launches}
+    missing = compile_for_sm90(launches)
+    if missing:
+        pytest.skip(f"no sm_90 toolchain here: {missing}")

@@ -9,7 +9,7 @@ pytest.importorskip("numpy")
 import attnlab.kernels.linear_attn.chunk as chunk  # noqa: E402
 import attnlab.kernels.memsizer.function as function  # noqa: E402
 import attnlab.kernels.memsizer.recurrent as ms_recurrent  # noqa: E402
-from kernel_utils import TOL, rel, run_id, serial_mode  # noqa: E402
+from kernel_utils import TOL, compile_for_sm90, record_launches, rel, run_id, serial_mode  # noqa: E402
 from attnlab.kernels.memsizer.reference import memsizer_ref, memsizer_step_ref  # noqa: E402
 
 
@@ -125,3 +125,25 @@ def test_custom_op_passes_opcheck(monkeypatch):
     p, a, v = inputs(1, 130, 130, 8, 16, torch.bfloat16, g)
     torch.library.opcheck(function.memsizer_fwd, (p, a, v, None, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_compiles_for_hopper(monkeypatch):
+    """Every kernel that bf16 calls of the paper's shapes (k = 32 slots, d = 64) launch -- causal by runs and by the
+    serial state pass, bidirectional, with padding, and the decode step -- compiles for sm_90 as launched."""
+    launches = record_launches(monkeypatch)
+    g = torch.Generator().manual_seed(6)
+    xs = inputs(1, 130, 130, 32, 64, torch.bfloat16, g)
+    mask = torch.rand(1, 130, generator=g) < 0.3
+    for mode in (4, "serial"):
+        serial_mode(monkeypatch, mode)
+        monkeypatch.setitem(chunk.CONFIG, "programs", 4 if mode == 4 else 0)
+        monkeypatch.setitem(chunk.CONFIG, "run_min_chunks", 0)
+        monkeypatch.setitem(chunk.CONFIG, "one_chunk_runs", 0)
+        function.memsizer_triton(*xs, True, key_padding_mask=mask).float().sum().backward()
+    function.memsizer_triton(*xs, False).float().sum().backward()
+    p, a, v = (x[:, 0].detach() for x in xs)
+    ms_recurrent.memsizer_step_triton(p, a, v, torch.randn(1, 32, 64), torch.ones(1))
+    assert {"_prefix_kernel", "_bwd_chunk_kernel"} <= {s[1] for s in launches}
+    missing = compile_for_sm90(launches)
+    if missing:
+        pytest.skip(f"no sm_90 toolchain here: {missing}")

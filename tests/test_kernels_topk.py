@@ -16,7 +16,7 @@ pytest.importorskip("numpy")
 import attnlab.kernels.topk_attn.chunk as chunk  # noqa: E402
 import attnlab.kernels.topk_attn.threshold as threshold  # noqa: E402
 import attnlab.kernels.topk_attn.function as function  # noqa: E402
-from kernel_utils import TOL, compile_for_sm90, rel  # noqa: E402
+from kernel_utils import TOL, compile_for_sm90, record_launches, rel  # noqa: E402
 from attnlab.kernels.topk_attn import topk_attention  # noqa: E402
 from attnlab.kernels.topk_attn.reference import attention_over, threshold_keep, topk_attention_dense  # noqa: E402
 
@@ -223,24 +223,27 @@ def test_threshold_ties_split_by_key_index(dtype):
         assert rel(a, b) < TOL[dtype], (name, rel(a, b))
 
 
-def test_compiles_for_hopper():
-    """The kernels compile for sm_90 with the default tiles (bf16, causal, padding; the sparse forward with its
-    GPU-only inline-PTX sweep): Triton's compiler checks what the interpreter lets through (a loop-carried variable
-    changing type once broke the GPU build of the threshold kernels)."""
-    types = {"KPM": "*i8", "MX": "*fp32", "TT": "*fp32", "TJ": "*i32", "LSE": "*fp32", "DELTA": "*fp32",
-             "P": "*fp32", "I": "*i32", "SC": "*i32", "CNT": "*i32", "TS": "*fp32", "qk2": "fp32", "scale": "fp32",
-             **{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK_", "DV_")}}
-    base = dict(BN=128, DP=64, CAUSAL=True, HAS_PAD=True, PREC="tf32", UPCAST=False)
-    missing = compile_for_sm90("attnlab.kernels.topk_attn.threshold", [
-        ("_select_kernel", dict(base, BM=64, SEL_BITS=32, STOP=0), types),
-        ("_fwd_kernel", dict(base, BM=128, DVP=64), types),
-        ("_bwd_dq_kernel", dict(base, BM=128, DVP=64), types),
-        ("_bwd_dkdv_kernel", dict(base, BM=128, DVP=64), types),
-        ("_bwd_dkdv_kernel", dict(base, BM=64, DVP=64), types),
-        ("_bwd_dkdv_kernel", dict(base, BM=64, DVP=64, BN=64), types)])
-    missing = missing or compile_for_sm90("attnlab.kernels.topk_attn.chunk", [
-        ("_fwd_kernel", dict(base, KK=64, KP=64, BM=64, CAP=128, BS=16, USE_TOPK=True, W=64, GW=64, FAST=True,
-                             STOP=0), types)], warps=4)
+def test_compiles_for_hopper(monkeypatch):
+    """Every kernel launched by a bf16 call of the GPU's default tiles (d = 64, k = 64; causal with padding and
+    bidirectional; threshold and sparse kernels, the sparse forward with its GPU-only inline-PTX sweep), as
+    launched, compiles for sm_90: Triton's compiler checks what the interpreter lets through (a loop-carried
+    variable changing type once broke the GPU build of the threshold kernels)."""
+    default = {"chunk": dict(chunk.CONFIG), "threshold": dict(threshold.CONFIG)}
+    monkeypatch.setattr(chunk, "CONFIG", {**default["chunk"], "progs_per_sm": 1})
+    monkeypatch.setattr(threshold, "CONFIG", default["threshold"])
+    monkeypatch.setattr(chunk, "_num_sms", lambda device: 1)
+    q, k, v, kpm = inputs(1, 1, 65, 65, d=64, dv=64, dtype=torch.bfloat16, seed=16, pad=True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    launches = record_launches(monkeypatch)
+    for path in ("threshold", "sparse"):
+        monkeypatch.setattr(function, "THRESHOLD_MAX_T", 1 << 62 if path == "threshold" else 0)
+        function.topk_attention_triton(q, k, v, 64, True, key_padding_mask=kpm).float().sum().backward()
+        function.topk_attention_triton(q, k, v, 64, False).float().sum().backward()
+    for spec in launches:
+        if spec[1] == "_fwd_kernel" and spec[0].endswith("chunk"):
+            spec[2]["FAST"] = True  # the GPU's sweep (the interpreter takes the portable one)
+    assert {s[1] for s in launches} >= {"_select_kernel", "_bwd_dkdv_kernel", "_fwd_kernel", "_bwd_kernel"}
+    missing = compile_for_sm90(launches)
     if missing:
         pytest.skip(f"no sm_90 toolchain here: {missing}")
 
