@@ -198,7 +198,7 @@ def tie_case(dtype, topk=64, T=500, S=1000, d=64):
     k[:, :, S * 3 // 10:S * 4 // 10] = k[:, :, S // 10:S // 10 + 1]  # keys with the same score in every row
     q[:, :, T // 10:T // 5] = 0  # every score ties
     qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
-    out, _, t, tj = threshold.threshold_fwd(q, k, v, topk, False, None, d ** -0.5)
+    _, _, t, tj = threshold.threshold_fwd(q, k, v, topk, False, None, d ** -0.5)  # the selection, read back
     out = topk_attention_triton(qt, kt, vt, topk, False)
     dout = torch.randn_like(out)
     out.backward(dout)

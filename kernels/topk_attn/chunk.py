@@ -50,15 +50,21 @@ NEG = tl.constexpr(float("-inf"))
 
 
 @triton.jit
-def _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt,
-            BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PREC: tl.constexpr,
-            UPCAST: tl.constexpr):
-    """Raw dots q . k_j of one key tile, -inf where the query may not look (causal, padding, past S)."""
+def _key_tile(K, n0, S, DK, skt, BN: tl.constexpr, DP: tl.constexpr, UPCAST: tl.constexpr):
+    """Keys n0 .. n0+BN-1 (BN x DP, zero past S and DK)."""
     cols = n0 + tl.arange(0, BN)
     cd = tl.arange(0, DP)
     k = tl.load(K + cols[:, None] * skt + cd[None, :], mask=(cols[:, None] < S) & (cd[None, :] < DK), other=0.0)
     if UPCAST:  # the interpreter's dot on bf16 is wrong: the same (exact) values in float32
         k = k.to(tl.float32)
+    return k
+
+
+@triton.jit
+def _tile_scores(q, k, KPM, rows, n0, m0, off, S, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Raw dots q . k_j of the key tile k (keys n0..), -inf where the query may not look (causal, padding, past S)."""
+    cols = n0 + tl.arange(0, BN)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     if HAS_PAD:
         pad = tl.load(KPM + cols, mask=cols < S, other=1)
@@ -72,6 +78,15 @@ def _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt,
             ok = ok & (cols[None, :] <= rows[:, None] + off)
         s = tl.where(ok, s, NEG)
     return s
+
+
+@triton.jit
+def _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt,
+            BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PREC: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """Raw dots q . k_j of the key tile at n0, loaded here, masked as _tile_scores."""
+    return _tile_scores(q, _key_tile(K, n0, S, DK, skt, BN, DP, UPCAST), KPM, rows, n0, m0, off, S, BN, CAUSAL,
+                        HAS_PAD, PREC)
 
 
 @triton.jit

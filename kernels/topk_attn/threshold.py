@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import NEG, _pow2, _row_tile, _scores
+from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 
 # BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN keys per
 # tile (= the number of groups; 3 * BN >= k, or the bound is -inf and R counts all); the dk/dv kernel: BN_kv keys
@@ -229,7 +229,6 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, T, S, H, DK, off, KK, NM,
     tl.store(TJ + r, tl.where(tie, xhi, 0), mask=rmask)
 
 
-
 @triton.jit
 def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, T, S, H, DK, DV, off, qk2, NM,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb,
@@ -274,8 +273,7 @@ def _probs(s, cols, rows, bh, T, LSE, TT, TJ, qk2):
     t = tl.load(TT + r, mask=rm, other=POS)
     tj = tl.load(TJ + r, mask=rm, other=0)
     lse = tl.load(LSE + r, mask=rm, other=0.0)
-    sel = (s > t[:, None]) | ((s == t[:, None]) & (cols[None, :] < tj[:, None]))
-    return tl.where(sel, tl.exp2(s * qk2 - lse[:, None]), 0.0)
+    return tl.where(_selected(s, cols, t, tj, True), tl.exp2(s * qk2 - lse[:, None]), 0.0)
 
 
 @triton.jit
@@ -299,14 +297,13 @@ def _bwd_dq_kernel(Q, K, V, KPM, O, DO, LSE, TT, TJ, DELTA, DQ, T, S, H, DK, DV,
     Vb = V + b.to(tl.int64) * svb + h * svh
     dq = tl.zeros([BM, DP], dtype=tl.float32)
     for n0 in range(0, n_end, BN):
-        s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        k = _key_tile(Kb, n0, S, DK, skt, BN, DP, UPCAST)
+        s = _tile_scores(q, k, KPMb, rows, n0, m0, off, S, BN, CAUSAL, HAS_PAD, PREC)
         cols = n0 + tl.arange(0, BN)
         p = _probs(s, cols, rows, bh, T, LSE, TT, TJ, qk2)
         vt = tl.load(Vb + cols[None, :] * svt + dv[:, None], mask=(cols[None, :] < S) & (dv[:, None] < DV), other=0.0)
-        k = tl.load(Kb + cols[:, None] * skt + cd[None, :], mask=(cols[:, None] < S) & (cd[None, :] < DK), other=0.0)
         if UPCAST:
             vt = vt.to(tl.float32)
-            k = k.to(tl.float32)
         ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :],
@@ -319,7 +316,8 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, T, S, H, DK
                      BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dK, dV of BN keys over the query tiles that can see them. The score tile is computed exactly as in the
-    forward (q tile times the transposed key tile, via _scores), so the selection matches bit for bit."""
+    forward (q tile times the transposed key tile, _tile_scores), so the selection matches bit for bit; the key
+    tile is loaded once."""
     bh = tl.program_id(1)
     n0 = tl.program_id(0) * BN
     b = bh // H
@@ -330,6 +328,7 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, T, S, H, DK
     Kb = K + b.to(tl.int64) * skb + h * skh
     Vb = V + b.to(tl.int64) * svb + h * svh
     KPMb = KPM + b.to(tl.int64) * smb
+    k = _key_tile(Kb, n0, S, DK, skt, BN, DP, UPCAST)
     vt = tl.load(Vb + cols[None, :] * svt + dv[:, None], mask=(cols[None, :] < S) & (dv[:, None] < DV), other=0.0)
     if UPCAST:
         vt = vt.to(tl.float32)
@@ -339,16 +338,13 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, T, S, H, DK
     if CAUSAL:
         m_start = (tl.maximum(n0 - off, 0) // BM) * BM
     for m0 in range(m_start, T, BM):
-        rows = m0 + tl.arange(0, BM)
-        rmask = rows < T
-        q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :],
-                    mask=rmask[:, None] & (cd[None, :] < DK), other=0.0)
+        rows, rmask, q, _, _, _ = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
+                                            BM, DP, CAUSAL, UPCAST)
         do = tl.load(DO + b.to(tl.int64) * sdb + h * sdh + rows[:, None] * sdt + dv[None, :],
                      mask=rmask[:, None] & (dv[None, :] < DV), other=0.0)
         if UPCAST:
-            q = q.to(tl.float32)
             do = do.to(tl.float32)
-        s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        s = _tile_scores(q, k, KPMb, rows, n0, m0, off, S, BN, CAUSAL, HAS_PAD, PREC)
         p = _probs(s, cols, rows, bh, T, LSE, TT, TJ, qk2)
         delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
         dvacc += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
