@@ -246,6 +246,35 @@ def full_size(B, H, T, d, topk, heads=((0, 0), (-1, -1))):
         del qr, kr, vr, ref
 
 
+def sel_stats(B, H, T, d, topk):
+    """How the selection went on the benchmark problem: bisection steps, R sweeps and T sweeps per tile."""
+    q, k, v, _ = make(B, H, T, T, d, torch.bfloat16, False, 3)
+    st = threshold.selection_stats(q, k, v, topk, True, None, d ** -0.5).double()
+    steps, sweeps, ties = st.unbind(-1)
+    rec = dict(T=T, steps_mean=steps.mean().item(), steps_max=steps.max().item(), sweeps_mean=sweeps.mean().item(),
+               sweeps_max=sweeps.max().item(), multi_sweep_tiles=(sweeps > 1).double().mean().item(),
+               tie_tiles=(ties > 0).double().mean().item())
+    RESULTS.setdefault("stats", []).append(rec)
+    log("stats " + " ".join(f"{n}={v:.3g}" for n, v in rec.items()))
+
+
+def score_bits(B, H, T, d, configs):
+    """A raw score's bits must not depend on the tile shape (the kernels recompute scores and compare them with
+    t): the row max of sweep A (stop 1 stores it in t) under other key tiles, row tiles and warps, bit for bit."""
+    base = dict(threshold.CONFIG)
+    q, k, v, _ = make(B, H, T, T, d, torch.bfloat16, False, 5)
+    ref = None
+    for cfg in [{}, *configs]:
+        threshold.CONFIG.update({**base, **cfg, "stop": 1})
+        mx = threshold.threshold_fwd(q, k, v, 64, True, None, d ** -0.5)[2].clone()
+        ref = mx if ref is None else ref
+        same = bool(torch.equal(mx.view(torch.int32), ref.view(torch.int32)))
+        RESULTS["correct"].append(dict(case="score bits", cfg=cfg, passed=same))
+        log(f"check score bits {cfg}: {'PASS' if same else 'FAIL'} (rows differing: {int((mx != ref).sum())})")
+    threshold.CONFIG.clear()
+    threshold.CONFIG.update(base)
+
+
 def sync():
     if DEV == "cuda":
         torch.cuda.synchronize()
@@ -367,7 +396,7 @@ def main():
                    help="threshold kernels (threshold.py) or the sparse P/I kernels (chunk.py) for every T")
     p.add_argument("--sweep", type=json.loads, default=[], help="list of CONFIG overrides to time at --sweep-T")
     p.add_argument("--sweep-T", type=int, default=8192)
-    p.add_argument("--skip", nargs="*", default=[], help="sections to skip: correct full timing extra sweep")
+    p.add_argument("--skip", nargs="*", default=[], help="sections to skip: correct full timing extra stats sweep")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     p.add_argument("--name", default="topk_gpu", help="results go to OUT/NAME.json")
     global ARGS
@@ -411,6 +440,10 @@ def main():
             check_case(2, 2, 1000, 1000, D, torch.bfloat16, 128, True, False),
             tie_case(torch.bfloat16, **ties), tie_case(torch.float32, **ties),
         ])
+    if "stats" not in ARGS.skip and ARGS.path == "threshold":
+        section("stats", lambda: [sel_stats(B, H, T, D, K) for T in ARGS.T] + [score_bits(
+            B, 2, min(ARGS.T), D, [{"BN": 64}, {"BN": 32}, {"BM_sel": 128}, {"sel_warps": 4}, {"BM_sel": 128,
+                                                                                              "BN": 64}])])
     if ARGS.sweep and "sweep" not in ARGS.skip:
         section("sweep", lambda: sweep(B, H, ARGS.sweep_T, D, K, ARGS.rep_ms, ARGS.sweep))
 

@@ -23,7 +23,8 @@ from attnlab.kernels.topk_attn.reference import attention_over, threshold_keep, 
 pytestmark = pytest.mark.usefixtures("poison")
 # small tiles: 8 groups, 16 candidate slots, 2 persistent programs (several tiles each)
 CFG = dict(BM=16, BN=8, CAP=16, BS=16, KC=4, BMB=16, progs_per_sm=1)
-THRESHOLD_CFG = dict(BM=16, BM_sel=16, BN=8, BM_kv=8, BN_kv=16)  # 8 groups: 24 kept scores per row in A
+# 8 groups: 24 kept scores per row in A; other key tiles in the forward and backward
+THRESHOLD_CFG = dict(BM=16, BM_sel=16, BN=8, BN_fwd=16, BN_dq=8, BM_kv=8, BN_kv=16)
 
 
 @pytest.fixture(autouse=True)

@@ -8,12 +8,15 @@ tensor-core tiles throughout, O(T) memory (t, tj and the log-sum-exp per row), d
 Finding t, per tile of BM query rows, in sweeps over the key tiles (s = raw dot q . k; scale > 0 keeps the order):
 
 A. Per group (key j is in group j mod BN) the 3 largest scores and the row max. A bisection on the kept scores'
-   order-preserving int32 bits finds L with k (or k + 1) of the 3*BN kept scores >= L: a lower bound of the row's
-   k-th largest, as they are distinct scores. A score above L is missed only if its group holds 4 or more of the
-   row's top k; with 128 groups and k = 64 that is ~0.2 scores per random row.
-R. Count c = #{s > lo} (lo = the float just below L), the largest score <= lo, and the 3 smallest scores > lo
-   (per group bottom-3, merged). With e = c - k: e = 0 -> lo separates; e = 1, 2 -> the 1 or 2 smallest go, t sits
-   between the e-th and (e+1)-th smallest; e >= 3 -> lo rises to the 3rd smallest and R repeats (rare).
+   order-preserving int32 bits, inside [the smallest group max, the row max], finds L with k .. k + slack of the
+   3*BN kept scores >= L: a lower bound of the row's k-th largest, as they are distinct scores. A score above L is
+   missed only if its group holds 4 or more of the row's top k; with 128 groups and k = 64 that is ~0.2 scores
+   per random row.
+R. Count c = #{s > lo} (lo = the float just below L) and keep the 3 smallest scores > lo of every group. With
+   e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo), exact until a
+   pop empties a group list that was full (that group's 4th smallest is unknown). e = 0 -> t between lo and u_1;
+   1 <= e < pops and u_(e+1) exact -> t between u_e and u_(e+1); otherwise lo rises to the last exact u_j
+   (j <= e) and R repeats (rare: ~1 row in 10^4 on random rows at the defaults).
    t is the midpoint of the gap, so an ulp of difference in a recomputed score could not move a key across it.
 T. Only when the boundary is a tie (two keys with the k-th score): t = that score and tj is found by bisection on
    the key index: #{s > t} + #{s == t, j < tj} = k. Ties break towards the smaller key index.
@@ -34,13 +37,15 @@ import triton.language as tl
 from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 
 # BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN keys per
-# tile (= the number of groups; 3 * BN >= k, or the bound is -inf and R counts all); the dk/dv kernel: BN_kv keys
-# per program, BM_kv query rows per step of its sweep over the query tiles that see them (a score's bits do not
-# depend on the tile shape, see the module docstring). SEL_BITS: at most that many bisection steps for L (fewer: a
-# lower L, more for R to remove). Tuned on an H200 (NOTES.md).
+# selection tile (= the number of groups; 3 * BN >= k, or the bound is -inf and R counts all), BN_fwd / BN_dq keys
+# per forward / dq tile; the dk/dv kernel: BN_kv keys per program, BM_kv query rows per step of its sweep over the
+# query tiles that see them (a score's bits do not depend on the tile shape, see the module docstring). SEL_BITS: at most that many bisection steps for L (fewer: a
+# lower L, more for R to remove); a row's bisection stops at <= k + slack kept scores >= L; R pops at most `pops`
+# scores per sweep. Tuned on an H200 (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 8, "BM": 128, "BN": 128, "warps": 4, "stages": 2, "bwd_warps": 8,
-          "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32}
+          "BN_fwd": 128, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2, "pops": 6}
 POS = tl.constexpr(float("inf"))
+BIG = tl.constexpr(3.0e38)  # what a popped list entry becomes (POS: a group with fewer than 3 scores > lo)
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 LOG2E = 1.4426950408889634
 
@@ -85,34 +90,31 @@ def _keep3(a1, a2, a3, x, LARGEST: tl.constexpr):
 
 @triton.jit
 def _pop_min(b1, b2, b3, cols):
-    """Smallest of the per-group bottom-3 lists, and the lists with that one entry removed."""
+    """Smallest entry u of the per-group sorted lists (b1 <= b2 <= b3), whether its group's list, full at the start,
+    is now used up (its b2 was already a popped entry, BIG), and the lists with u removed."""
     u = tl.min(b1, 1)
     at = tl.min(tl.where(b1 == u[:, None], cols[None, :], 1 << 30), 1)
     hit = cols[None, :] == at[:, None]
-    return u, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, POS, b3)
+    used_up = tl.max((hit & (b2 == BIG)).to(tl.int32), 1) > 0
+    return u, used_up, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, BIG, b3)
 
 
 @triton.jit
 def _count_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, lo,
                 BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                 PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Sweep R: #{s > lo}, max{s <= lo} and the 3 smallest {s > lo} of every row."""
-    cnt = tl.zeros([BM], dtype=tl.int32)
-    nb = tl.full([BM], NEG, tl.float32)
+    """Sweep R: #{s > lo} of every row and the 3 smallest {s > lo} of every group (POS where fewer). The count is
+    kept per group and summed once at the end: no row reduction per key tile."""
+    cnt = tl.zeros([BM, BN], dtype=tl.int32)
     b1 = tl.full([BM, BN], POS, tl.float32)
     b2 = tl.full([BM, BN], POS, tl.float32)
     b3 = tl.full([BM, BN], POS, tl.float32)
     for n0 in range(0, n_end, BN):
         s = _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         up = s > lo[:, None]
-        cnt += tl.sum(up.to(tl.int32), 1)
-        nb = tl.maximum(nb, tl.max(tl.where(up, NEG, s), 1))
+        cnt += up.to(tl.int32)
         b1, b2, b3 = _keep3(b1, b2, b3, tl.where(up, s, POS), False)
-    cols = tl.arange(0, BN)
-    u1, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
-    u2, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
-    u3 = tl.min(b1, 1)
-    return cnt, nb, u1, u2, u3
+    return tl.sum(cnt, 1), b1, b2, b3
 
 
 @triton.jit
@@ -147,13 +149,15 @@ def _selected(s, cols, t, tj, LEX):
 
 
 @triton.jit
-def _select_kernel(Q, K, KPM, MX, TT, TJ, T, S, H, DK, off, KK, NM,
+def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
                    sqb, sqh, sqt, skb, skh, skt, smb,
                    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SEL_BITS: tl.constexpr,
-                   STOP: tl.constexpr):
-    """One tile of BM query rows: sweeps A, R (T). Stores the raw row max (MX) and the threshold (TT, TJ) per row.
-    STOP != 0 only for the timing breakdown (bench/check_topk_gpu.py): stop after A (1), the bisection (2)."""
+                   SLACK: tl.constexpr, POPS: tl.constexpr, WITH_STATS: tl.constexpr, STOP: tl.constexpr):
+    """One tile of BM query rows: sweeps A, R (T). Stores the raw row max (MX) and the threshold (TT, TJ) per row;
+    WITH_STATS: also the tile's bisection steps, R sweeps and T sweeps (STATS, 3 int32 per tile).
+    STOP != 0 only for the timing breakdown and checks (bench/check_topk_gpu.py): stop after A (1), the bisection
+    (2)."""
     bh, b, h, m0 = _tile_ids(NM, BM, H)
     rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
                                                 BM, DP, CAUSAL, UPCAST)
@@ -166,58 +170,89 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, T, S, H, DK, off, KK, NM,
         s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         g1, g2, g3 = _keep3(g1, g2, g3, s, True)
     r = bh.to(tl.int64) * T + rows
-    tl.store(MX + r, tl.max(g1, 1), mask=rmask)
-    if STOP == 1:
+    mx = tl.max(g1, 1)
+    tl.store(MX + r, mx, mask=rmask)
+    if STOP == 1:  # TT: the raw row max (the GPU check compares its bits across tile shapes)
+        tl.store(TT + r, mx, mask=rmask)
         return
-    # L: a lower bound of the KK-th largest kept score, bit by bit from the top of its order-preserving key. A row
-    # stops once at most KK + 1 kept scores reach L (R then sees ~1 extra), the tile when every row has stopped.
+    # L: a lower bound of the KK-th largest kept score, by bisection on the keys in [a, z): at least KK kept scores
+    # reach a, none reaches z. Start: a = the smallest group max when KK groups have one (else the smallest kept
+    # score), z just above the row max. A row stops once at most KK + SLACK kept scores reach a (R removes the
+    # extra ones), the tile when every row has stopped.
+    f1 = g1 > NEG
+    n1 = tl.sum(f1.to(tl.int32), 1)
+    nk = n1 + tl.sum((g2 > NEG).to(tl.int32), 1) + tl.sum((g3 > NEG).to(tl.int32), 1)
+    least = tl.where(g3 > NEG, g3, tl.where(g2 > NEG, g2, tl.where(f1, g1, POS)))  # smallest kept, per group
+    a0 = tl.where(n1 >= KK, tl.min(tl.where(f1, g1, POS), 1), tl.min(least, 1))
+    bound = rmask & (nk >= KK)  # else no bound: R counts every visible score
     k1 = _key(g1)
     k2 = _key(g2)
     k3 = _key(g3)
-    ans = tl.full([BM], -2147483648, tl.int64)  # below every key: all 3 * BN kept scores reach it
-    act = rmask
-    w = tl.full([], 1 << 32, tl.int64)  # halved before use: the first probe is key 0
+    a = _key(tl.where(bound, a0, 0.0)).to(tl.int64)
+    z = _key(tl.where(bound, mx, 0.0)).to(tl.int64) + 1
+    c = a
+    act = bound
+    steps = 0
     go = tl.max(act.to(tl.int32), 0) > 0
-    while go:
-        w = w // 2
-        c = (ans + w).to(tl.int32)[:, None]
-        n = tl.sum((k1 >= c).to(tl.int32) + (k2 >= c).to(tl.int32) + (k3 >= c).to(tl.int32), 1)
-        up = act & (n >= KK)
-        ans = tl.where(up, ans + w, ans)
-        act = act & ~(up & (n <= KK + 1))
-        go = (w > (1 << (32 - SEL_BITS))) & (tl.max(act.to(tl.int32), 0) > 0)
-    lo = tl.where(ans > KEY_NEG_INF, _unkey((ans - 1).to(tl.int32)), NEG)  # s > lo <=> s >= L
+    while go:  # the first step counts at a itself: it may already be the answer (short rows, all kept)
+        c32 = c.to(tl.int32)[:, None]
+        n = tl.sum((k1 >= c32).to(tl.int32) + (k2 >= c32).to(tl.int32) + (k3 >= c32).to(tl.int32), 1)
+        up = n >= KK
+        a = tl.where(act & up, c, a)
+        z = tl.where(act & ~up, c, z)
+        act = act & ~(up & (n <= KK + SLACK)) & (z - a > 1)
+        c = (a + z) >> 1  # a < c < z while z - a >= 2
+        steps += 1
+        go = (steps < SEL_BITS) & (tl.max(act.to(tl.int32), 0) > 0)
+    lo = tl.where(bound, _unkey((a - 1).to(tl.int32)), NEG)  # s > lo <=> s >= L
     if STOP == 2:
         tl.store(TT + r, lo, mask=rmask)
         return
 
-    # R. count above lo until every row has its threshold (state 0: counting, 1: done, 2: tie at ts)
+    # R. count above lo until every row has its threshold (state 0: counting, 1: done, 2: tie at t)
     state = tl.where(rmask, 0, 1)
     t = tl.full([BM], NEG, tl.float32)
+    cols = tl.arange(0, BN)
+    sweeps = 0
     while tl.max(tl.where(state == 0, 1, 0), 0) > 0:
-        cnt, nb, u1, u2, u3 = _count_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, lo,
-                                          BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
-        e = cnt - KK
+        cnt, b1, b2, b3 = _count_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, lo,
+                                      BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        sweeps += 1
         act = state == 0
-        # e < 0: all visible keys when lo = -inf, else (lo came from a step below) the k-th score ties at lo
-        fin = act & (((e < 0) & (lo == NEG)) | (e == 0))
-        t = tl.where(fin, _mid(nb, u1), t)
-        sep1 = act & (e == 1) & (u1 < u2)
-        sep2 = act & (e == 2) & (u2 < u3)
-        t = tl.where(sep1, _mid(u1, u2), t)
-        t = tl.where(sep2, _mid(u2, u3), t)
-        tie0 = act & (e < 0) & (lo > NEG)
-        tie1 = act & (e == 1) & (u1 == u2)
-        tie2 = act & (e == 2) & (u2 == u3)
-        t = tl.where(tie0, lo, tl.where(tie1, u1, tl.where(tie2, u2, t)))
-        state = tl.where(fin | sep1 | sep2, 1, tl.where(tie0 | tie1 | tie2, 2, state))
-        lo = tl.where(act & (e >= 3), u3, lo)
+        e = cnt - KK
+        # pop u_1 .. u_(e+1) (at most POPS): ue = u_e (lo for e = 0), ue1 = u_(e+1) and whether it is exact;
+        # lift = the last exact u_j with j <= e, where lo goes when e is out of reach
+        ue = lo
+        ue1 = tl.full([BM], POS, tl.float32)
+        exact1 = rmask & False
+        lift = lo
+        clean = act
+        npop = tl.max(tl.where(act & (e >= 0), tl.minimum(e + 1, POPS), 0), 0)
+        j = 1
+        while j <= npop:
+            u, used_up, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
+            ue = tl.where(e == j, u, ue)
+            ue1 = tl.where(e + 1 == j, u, ue1)
+            exact1 = tl.where(e + 1 == j, clean, exact1)
+            lift = tl.where(clean & (j <= e), u, lift)
+            clean = clean & ~used_up
+            j += 1
+        sep = exact1 & (ue < ue1)
+        t = tl.where(sep, _mid(ue, ue1), t)
+        # a tie at the boundary: u_e = u_(e+1), or (e < 0, lo above -inf: lo came from a lift) the k-th score is lo
+        tie = (exact1 & (ue == ue1)) | (act & (e < 0) & (lo > NEG))
+        t = tl.where(tie, tl.where(e < 0, lo, ue), t)
+        every = act & (e < 0) & (lo == NEG)  # fewer than k visible keys: t = -inf takes them all
+        state = tl.where(sep | every, 1, tl.where(tie, 2, state))
+        lo = tl.where(act & (e > 0) & ~exact1, lift, lo)
 
     # T. ties at the boundary: the key index tj that lets exactly k through, by bisection on [0, S]
     tie = state == 2
     xlo = tl.zeros([BM], dtype=tl.int32)
     xhi = tl.where(tie, S, 0)
+    tsweeps = 0
     while tl.max(xhi - xlo, 0) > 1:
+        tsweeps += 1
         mid = (xlo + xhi) // 2
         gt, eq = _tie_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, t, mid,
                            BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
@@ -227,6 +262,11 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, T, S, H, DK, off, KK, NM,
         xlo = tl.where(busy & ~up, mid, xlo)
     tl.store(TT + r, t, mask=rmask)
     tl.store(TJ + r, tl.where(tie, xhi, 0), mask=rmask)
+    if WITH_STATS:
+        st = STATS + (bh * NM + tl.program_id(0)) * 3
+        tl.store(st, steps)
+        tl.store(st + 1, sweeps)
+        tl.store(st + 2, tsweeps)
 
 
 @triton.jit
@@ -366,39 +406,49 @@ def _common(q, k, key_padding_mask):
     return kpm, upcast, prec
 
 
-def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale):
+def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None):
     """q (B, H, T, d), k (B, H, S, d), v (B, H, S, dv), contiguous; 1 <= topk (already min(topk, S)).
     Returns out (B, H, T, dv) in q's dtype, and per row (B, H, T) the base-2 log-sum-exp (float32) and the
-    threshold (t float32, tj int32) the backward needs."""
+    threshold (t float32, tj int32) the backward needs. stats: see selection_stats."""
     B, H, T, DK = q.shape
     S, DV = k.shape[2], v.shape[3]
-    BM, BN, BMS = CONFIG["BM"], CONFIG["BN"], CONFIG["BM_sel"]
+    BM, BMS = CONFIG["BM"], CONFIG["BM_sel"]
     out = torch.empty(B, H, T, DV, dtype=q.dtype, device=q.device)
     mx, lse, tt = (torch.empty(B, H, T, dtype=torch.float32, device=q.device) for _ in range(3))
     tj = torch.empty(B, H, T, dtype=torch.int32, device=q.device)
     kpm, upcast, prec = _common(q, k, key_padding_mask)
-    meta = dict(BN=BN, DP=_pow2(DK), CAUSAL=causal, HAS_PAD=key_padding_mask is not None, PREC=prec, UPCAST=upcast,
+    meta = dict(DP=_pow2(DK), CAUSAL=causal, HAS_PAD=key_padding_mask is not None, PREC=prec, UPCAST=upcast,
                 num_stages=CONFIG["stages"])
     stop = CONFIG.get("stop", 0)  # timing breakdown only (bench/check_topk_gpu.py)
     NS = triton.cdiv(T, BMS)
     _select_kernel[(NS, B * H)](
-        q, k, kpm, mx, tt, tj, T, S, H, DK, S - T, topk, NS, *q.stride()[:3], *k.stride()[:3], kpm.stride(0),
-        BM=BMS, SEL_BITS=CONFIG["SEL_BITS"], STOP=stop, num_warps=CONFIG["sel_warps"], **meta)
+        q, k, kpm, mx, tt, tj, tj if stats is None else stats, T, S, H, DK, S - T, topk, NS, *q.stride()[:3],
+        *k.stride()[:3], kpm.stride(0), BM=BMS, BN=CONFIG["BN"], SEL_BITS=CONFIG["SEL_BITS"], SLACK=CONFIG["slack"],
+        POPS=CONFIG["pops"], WITH_STATS=stats is not None, STOP=stop, num_warps=CONFIG["sel_warps"], **meta)
     if stop:
         return out, lse, tt, tj
     NM = triton.cdiv(T, BM)
     _fwd_kernel[(NM, B * H)](
         q, k, v, kpm, mx, tt, tj, out, lse, T, S, H, DK, DV, S - T, scale * LOG2E, NM,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], kpm.stride(0),
-        BM=BM, DVP=_pow2(DV), num_warps=CONFIG["warps"], **meta)
+        BM=BM, BN=CONFIG["BN_fwd"], DVP=_pow2(DV), num_warps=CONFIG["warps"], **meta)
     return out, lse, tt, tj
+
+
+def selection_stats(q, k, v, topk, causal, key_padding_mask=None, scale=1.0):
+    """What the selection of threshold_fwd did, per tile of BM_sel query rows: (B * H, tiles, 3) int32 of
+    bisection steps, R sweeps and T sweeps (tiles in launch order: the last rows first)."""
+    NS = triton.cdiv(q.shape[2], CONFIG["BM_sel"])
+    stats = torch.zeros(q.shape[0] * q.shape[1], NS, 3, dtype=torch.int32, device=q.device)
+    threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats)
+    return stats
 
 
 def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, scale):
     """Gradients of threshold_fwd's output (dq, dk, dv in the inputs' dtypes)."""
     B, H, T, DK = q.shape
     S, DV = k.shape[2], v.shape[3]
-    BM, BN = CONFIG["BM"], CONFIG["BN"]
+    BM = CONFIG["BM"]
     NM = triton.cdiv(T, BM)
     dout = dout.contiguous()
     dq = torch.empty_like(q)
@@ -406,15 +456,15 @@ def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, sca
     dv = torch.empty(B, H, S, DV, dtype=v.dtype, device=q.device)
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     kpm, upcast, prec = _common(q, k, key_padding_mask)
-    meta = dict(BN=BN, DP=_pow2(DK), DVP=_pow2(DV), CAUSAL=causal, HAS_PAD=key_padding_mask is not None,
+    meta = dict(DP=_pow2(DK), DVP=_pow2(DV), CAUSAL=causal, HAS_PAD=key_padding_mask is not None,
                 PREC=prec, UPCAST=upcast, num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["stages"])
     _bwd_dq_kernel[(NM, B * H)](
         q, k, v, kpm, out, dout, lse, tt, tj, delta, dq, T, S, H, DK, DV, S - T, scale, scale * LOG2E, NM,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3], kpm.stride(0),
-        BM=BM, **meta)
+        BM=BM, BN=CONFIG["BN_dq"], **meta)
     BNK = CONFIG["BN_kv"]
     _bwd_dkdv_kernel[(triton.cdiv(S, BNK), B * H)](
         q, k, v, kpm, dout, lse, tt, tj, delta, dk, dv, T, S, H, DK, DV, S - T, scale, scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], kpm.stride(0),
-        BM=CONFIG["BM_kv"], **{**meta, "BN": BNK})
+        BM=CONFIG["BM_kv"], BN=BNK, **meta)
     return dq, dk, dv
