@@ -169,25 +169,33 @@ def test_dispatch_and_errors():
         function.topk_attention_triton(q.double(), k.double(), v.double(), 2, False)
 
 
-def hidden_above_bound(q, k, topk, BN):
-    """Per row, how many scores reach the bound of sweep A (the k-th largest of the 3 largest per group) beyond k:
-    what the count sweeps R of the threshold kernels must remove (>= 3: R repeats)."""
-    s = (q.double() @ k.double().transpose(-1, -2))
-    S = s.shape[-1]
-    g = torch.nn.functional.pad(s, (0, (-S) % BN), value=float("-inf")).unflatten(-1, (-1, BN))
-    kept = g.topk(min(3, g.shape[-2]), -2).values.flatten(-2)
-    L = kept.topk(topk, -1).values[..., -1:]
-    return (s >= L).sum(-1) - topk
+def sweeps(q, k, v, topk, causal):
+    """R sweeps per selection tile of the threshold kernels on these inputs (threshold.selection_stats)."""
+    return threshold.selection_stats(q, k, v, topk, causal)[..., 1]
 
 
 def test_threshold_count_sweeps_repeat(monkeypatch):
-    """4 groups (12 kept scores per row) for k = 10 of 129 keys: sweep A's bound is loose, many rows have >= 3
-    extra scores above it, so R repeats (raising its bound past 3 scores each time) before the masked forward."""
+    """4 groups (12 kept scores per row) for k = 10 of 129 keys: sweep A's bound is loose, rows have many extra
+    scores above it and their groups' lists run out, so R repeats (raising its bound each time) before the masked
+    forward."""
     monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "BN": 4})
     q, k, v, kpm = inputs(2, 1, 40, 129, seed=5, pad=False)
-    assert (hidden_above_bound(q, k, 10, BN=4) >= 3).sum() > 20  # the path under test is really taken
+    assert (sweeps(q, k, v, 10, False) >= 3).all()  # the path under test is really taken
     check(q, k, v, 10, False)
     check(q, k, v, 10, True, seed=2)
+
+
+@pytest.mark.parametrize("pops", [2, 6])
+def test_threshold_pops_resolve_extra_scores(monkeypatch, pops):
+    """A bisection that stops at up to k + 4 kept scores leaves R up to ~4 extra scores per row: popping 6 of the
+    smallest resolves most in one sweep, popping 2 needs more sweeps; both exact."""
+    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "slack": 4, "pops": pops})
+    q, k, v, kpm = inputs(2, 1, 40, 129, seed=5, pad=False)
+    n = sweeps(q, k, v, 10, False).sum().item()
+    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "pops": 8 - pops})
+    assert (n < sweeps(q, k, v, 10, False).sum().item()) == (pops == 6)
+    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "pops": pops})
+    check(q, k, v, 10, False)
 
 
 def test_threshold_coarse_bound(monkeypatch):
@@ -260,11 +268,11 @@ def test_threshold_op_passes_opcheck():
 
 def test_threshold_top_k_in_one_group():
     """Adversarial for sweep A: every key of group 0 (j = 0 mod 8) outscores all others, so a row's top k = 10 sit
-    in one group, which keeps only 3 of them. R then raises its bound 3 scores at a time, several sweeps, and the
-    result is still exact."""
+    in one group, which keeps only 3 of them. R's pops use up that group's list after 3, so R raises its bound
+    and sweeps again, several times, and the result is still exact."""
     q, k, v, _ = inputs(1, 1, 24, 129, seed=14)
     u = torch.randn(16, generator=torch.Generator().manual_seed(15))
     q += 3 * u
     k[:, :, ::8] += 3 * u  # group 0 of 8: 17 keys, all above every other score of a row
-    assert (hidden_above_bound(q, k, 10, BN=8) >= 6).all()  # every row needs >= 2 R sweeps
+    assert (sweeps(q, k, v, 10, False) >= 2).all()  # group 0's list runs out: R sweeps again
     check(q, k, v, 10, False)

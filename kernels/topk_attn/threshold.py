@@ -13,8 +13,8 @@ A. Per group (key j is in group j mod BN) the 3 largest scores and the row max. 
    missed only if its group holds 4 or more of the row's top k; with 128 groups and k = 64 that is ~0.2 scores
    per random row.
 R. Count c = #{s > lo} (lo = the float just below L) and keep the 3 smallest scores > lo of every group. With
-   e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo), exact until a
-   pop empties a group list that was full (that group's 4th smallest is unknown). e = 0 -> t between lo and u_1;
+   e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo), exact up to
+   the smallest 3rd entry of a full list (the scores no list holds lie above it). e = 0 -> t between lo and u_1;
    1 <= e < pops and u_(e+1) exact -> t between u_e and u_(e+1); otherwise lo rises to the last exact u_j
    (j <= e) and R repeats (rare: ~1 row in 10^4 on random rows at the defaults).
    t is the midpoint of the gap, so an ulp of difference in a recomputed score could not move a key across it.
@@ -45,7 +45,6 @@ from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 CONFIG = {"BM_sel": 64, "sel_warps": 8, "BM": 128, "BN": 128, "warps": 4, "stages": 2, "bwd_warps": 8,
           "BN_fwd": 128, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2, "pops": 6}
 POS = tl.constexpr(float("inf"))
-BIG = tl.constexpr(3.0e38)  # what a popped list entry becomes (POS: a group with fewer than 3 scores > lo)
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 LOG2E = 1.4426950408889634
 
@@ -90,13 +89,11 @@ def _keep3(a1, a2, a3, x, LARGEST: tl.constexpr):
 
 @triton.jit
 def _pop_min(b1, b2, b3, cols):
-    """Smallest entry u of the per-group sorted lists (b1 <= b2 <= b3), whether its group's list, full at the start,
-    is now used up (its b2 was already a popped entry, BIG), and the lists with u removed."""
+    """Smallest entry u of the per-group sorted lists (b1 <= b2 <= b3), and the lists with u removed."""
     u = tl.min(b1, 1)
     at = tl.min(tl.where(b1 == u[:, None], cols[None, :], 1 << 30), 1)
     hit = cols[None, :] == at[:, None]
-    used_up = tl.max((hit & (b2 == BIG)).to(tl.int32), 1) > 0
-    return u, used_up, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, BIG, b3)
+    return u, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, POS, b3)
 
 
 @triton.jit
@@ -221,21 +218,21 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
         act = state == 0
         e = cnt - KK
         # pop u_1 .. u_(e+1) (at most POPS): ue = u_e (lo for e = 0), ue1 = u_(e+1) and whether it is exact;
-        # lift = the last exact u_j with j <= e, where lo goes when e is out of reach
+        # lift = the last exact u_j with j <= e, where lo goes when e is out of reach. A popped u is the true
+        # j-th smallest score > lo when u <= full: the scores no list holds are >= the 3rd of a full list.
+        full = tl.min(tl.where(b3 < POS, b3, POS), 1)
         ue = lo
         ue1 = tl.full([BM], POS, tl.float32)
         exact1 = rmask & False
         lift = lo
-        clean = act
         npop = tl.max(tl.where(act & (e >= 0), tl.minimum(e + 1, POPS), 0), 0)
         j = 1
         while j <= npop:
-            u, used_up, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
+            u, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
             ue = tl.where(e == j, u, ue)
             ue1 = tl.where(e + 1 == j, u, ue1)
-            exact1 = tl.where(e + 1 == j, clean, exact1)
-            lift = tl.where(clean & (j <= e), u, lift)
-            clean = clean & ~used_up
+            exact1 = tl.where(e + 1 == j, u <= full, exact1)
+            lift = tl.where((u <= full) & (j <= e), u, lift)
             j += 1
         sep = exact1 & (ue < ue1)
         t = tl.where(sep, _mid(ue, ue1), t)
@@ -313,7 +310,8 @@ def _probs(s, cols, rows, bh, T, LSE, TT, TJ, qk2):
     t = tl.load(TT + r, mask=rm, other=POS)
     tj = tl.load(TJ + r, mask=rm, other=0)
     lse = tl.load(LSE + r, mask=rm, other=0.0)
-    return tl.where(_selected(s, cols, t, tj, True), tl.exp2(s * qk2 - lse[:, None]), 0.0)
+    lex = tl.max(tj, 0) > 0  # the key-index split only where a row of the tile has a tie
+    return tl.where(_selected(s, cols, t, tj, lex), tl.exp2(s * qk2 - lse[:, None]), 0.0)
 
 
 @triton.jit
