@@ -33,10 +33,11 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, **THRESHOLD_CFG})
 
 
-@pytest.fixture(params=["threshold", "sparse"])
+@pytest.fixture(params=["threshold", "threshold-atomic", "sparse"])
 def path(request, monkeypatch):
-    """Which algorithm topk_attention_triton takes (for every T)."""
-    monkeypatch.setattr(function, "THRESHOLD_MAX_T", 1 << 62 if request.param == "threshold" else 0)
+    """Which algorithm topk_attention_triton takes (for every T); threshold-atomic: dq by atomics (atomic_dq)."""
+    monkeypatch.setattr(function, "THRESHOLD_MAX_T", 0 if request.param == "sparse" else 1 << 62)
+    monkeypatch.setitem(threshold.CONFIG, "atomic_dq", request.param == "threshold-atomic")
     return request.param
 
 
@@ -244,17 +245,34 @@ def test_compiles_for_hopper(monkeypatch):
     q, k, v, kpm = inputs(1, 1, 65, 65, d=64, dv=64, dtype=torch.bfloat16, seed=16, pad=True)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     launches = record_launches(monkeypatch)
-    for path in ("threshold", "sparse"):
-        monkeypatch.setattr(function, "THRESHOLD_MAX_T", 1 << 62 if path == "threshold" else 0)
+    for path in ("threshold", "threshold-atomic", "sparse"):
+        monkeypatch.setattr(function, "THRESHOLD_MAX_T", 0 if path == "sparse" else 1 << 62)
+        monkeypatch.setitem(threshold.CONFIG, "atomic_dq", path == "threshold-atomic")
         function.topk_attention_triton(q, k, v, 64, True, key_padding_mask=kpm).float().sum().backward()
         function.topk_attention_triton(q, k, v, 64, False).float().sum().backward()
     for spec in launches:
         if spec[1] == "_fwd_kernel" and spec[0].endswith("chunk"):
             spec[2]["FAST"] = True  # the GPU's sweep (the interpreter takes the portable one)
-    assert {s[1] for s in launches} >= {"_select_kernel", "_bwd_dkdv_kernel", "_fwd_kernel", "_bwd_kernel"}
+    assert {s[1] for s in launches} >= {"_select_kernel", "_bwd_dkdv_kernel", "_fwd_kernel", "_bwd_kernel",
+                                        "_bwd_dq_kernel", "_delta_kernel"}
     missing = compile_for_sm90(launches)
     if missing:
         pytest.skip(f"no sm_90 toolchain here: {missing}")
+
+
+def test_threshold_atomic_dq_not_when_deterministic(monkeypatch):
+    """atomic_dq adds dq in a varying order; under torch.use_deterministic_algorithms the dq kernel runs instead,
+    and both give the float64 reference's gradients."""
+    monkeypatch.setitem(threshold.CONFIG, "atomic_dq", True)
+    q, k, v, kpm = inputs(1, 2, 21, 21, seed=17, pad=True)
+    launches = record_launches(monkeypatch)
+    check(q, k, v, 4, True, kpm)
+    assert "_delta_kernel" in {s[1] for s in launches}
+    launches.clear()
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    check(q, k, v, 4, True, kpm)
+    names = {s[1] for s in launches}
+    assert "_bwd_dq_kernel" in names and "_delta_kernel" not in names
 
 
 def test_threshold_op_passes_opcheck():

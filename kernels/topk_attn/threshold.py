@@ -39,11 +39,14 @@ from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 # BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN keys per
 # selection tile (= the number of groups; 3 * BN >= k, or the bound is -inf and R counts all), BN_fwd / BN_dq keys
 # per forward / dq tile; the dk/dv kernel: BN_kv keys per program, BM_kv query rows per step of its sweep over the
-# query tiles that see them (a score's bits do not depend on the tile shape, see the module docstring). SEL_BITS: at most that many bisection steps for L (fewer: a
-# lower L, more for R to remove); a row's bisection stops at <= k + slack kept scores >= L; R pops at most `pops`
-# scores per sweep. Tuned on an H200 (NOTES.md).
+# query tiles that see them (a score's bits do not depend on the tile shape, see the module docstring).
+# SEL_BITS: at most that many bisection steps for L (fewer: a lower L, more for R to remove); a row's bisection
+# stops at <= k + slack kept scores >= L; R pops at most `pops` scores per sweep. atomic_dq: the dk/dv kernel adds
+# dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). Tuned on an H200
+# (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 8, "BM": 128, "BN": 128, "warps": 4, "stages": 2, "bwd_warps": 8,
-          "BN_fwd": 128, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2, "pops": 6}
+          "bwd_stages": 2, "BN_fwd": 128, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
+          "pops": 6, "atomic_dq": False}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 LOG2E = 1.4426950408889634
@@ -349,13 +352,28 @@ def _bwd_dq_kernel(Q, K, V, KPM, O, DO, LSE, TT, TJ, DELTA, DQ, T, S, H, DK, DV,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, T, S, H, DK, DV, off, scale, qk2,
+def _delta_kernel(O, DO, DELTA, T, H, DV, sob, soh, sot, sdb, sdh, sdt, BM: tl.constexpr, DVP: tl.constexpr):
+    """delta = rowsum(dO * O) of BM rows (the atomic backward's dK/dV kernel reads it; the dq kernel makes its own)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    dv = tl.arange(0, DVP)
+    m = (rows[:, None] < T) & (dv[None, :] < DV)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h * sdh + rows[:, None] * sdt + dv[None, :], mask=m, other=0.0)
+    o = tl.load(O + b.to(tl.int64) * sob + h * soh + rows[:, None] * sot + dv[None, :], mask=m, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=rows < T)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, DQ32, T, S, H, DK, DV, off, scale, qk2,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, smb,
                      BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                     HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dK, dV of BN keys over the query tiles that can see them. The score tile is computed exactly as in the
     forward (q tile times the transposed key tile, _tile_scores), so the selection matches bit for bit; the key
-    tile is loaded once."""
+    tile is loaded once. ATOMIC_DQ: also add each query tile's share of dQ (ds k, scaled) to DQ32 (float32,
+    (B * H, T, DK), zeroed), so no dq kernel recomputes the scores; the order of the float32 adds varies."""
     bh = tl.program_id(1)
     n0 = tl.program_id(0) * BN
     b = bh // H
@@ -388,6 +406,10 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, T, S, H, DK
         dvacc += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
         ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+        if ATOMIC_DQ:
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
+            tl.atomic_add(DQ32 + (bh.to(tl.int64) * T + rows[:, None]) * DK + cd[None, :], dq,
+                          mask=rmask[:, None] & (cd[None, :] < DK), sem="relaxed")
     base = bh.to(tl.int64) * S
     tl.store(DK_ + (base + cols[:, None]) * DK + cd[None, :], (dk * scale).to(DK_.dtype.element_ty),
              mask=(cols[:, None] < S) & (cd[None, :] < DK))
@@ -455,14 +477,23 @@ def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, sca
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     kpm, upcast, prec = _common(q, k, key_padding_mask)
     meta = dict(DP=_pow2(DK), DVP=_pow2(DV), CAUSAL=causal, HAS_PAD=key_padding_mask is not None,
-                PREC=prec, UPCAST=upcast, num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["stages"])
-    _bwd_dq_kernel[(NM, B * H)](
-        q, k, v, kpm, out, dout, lse, tt, tj, delta, dq, T, S, H, DK, DV, S - T, scale, scale * LOG2E, NM,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3], kpm.stride(0),
-        BM=BM, BN=CONFIG["BN_dq"], **meta)
+                PREC=prec, UPCAST=upcast, num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"])
+    atomic = CONFIG["atomic_dq"] and not torch.are_deterministic_algorithms_enabled()
+    if atomic:
+        dq32 = torch.zeros(B * H, T, DK, dtype=torch.float32, device=q.device)
+        _delta_kernel[(NM, B * H)](out, dout, delta, T, H, DV, *out.stride()[:3], *dout.stride()[:3], BM=BM,
+                                   DVP=_pow2(DV))
+    else:
+        dq32 = delta  # not read
+        _bwd_dq_kernel[(NM, B * H)](
+            q, k, v, kpm, out, dout, lse, tt, tj, delta, dq, T, S, H, DK, DV, S - T, scale, scale * LOG2E, NM,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3], kpm.stride(0),
+            BM=BM, BN=CONFIG["BN_dq"], **meta)
     BNK = CONFIG["BN_kv"]
     _bwd_dkdv_kernel[(triton.cdiv(S, BNK), B * H)](
-        q, k, v, kpm, dout, lse, tt, tj, delta, dk, dv, T, S, H, DK, DV, S - T, scale, scale * LOG2E,
+        q, k, v, kpm, dout, lse, tt, tj, delta, dk, dv, dq32, T, S, H, DK, DV, S - T, scale, scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], kpm.stride(0),
-        BM=CONFIG["BM_kv"], BN=BNK, **meta)
+        BM=CONFIG["BM_kv"], BN=BNK, ATOMIC_DQ=atomic, **meta)
+    if atomic:
+        dq.copy_(dq32.view(B, H, T, DK))
     return dq, dk, dv
