@@ -267,6 +267,8 @@ def main():
                     help="torch.compile mode for --compile (e.g. reduce-overhead: the steps replayed from CUDA graphs)")
     ap.add_argument("--compiled-only", action="store_true", help="with --compile: skip the eager training points")
     ap.add_argument("--budget-s", type=float, default=400)
+    ap.add_argument("--topk-config", type=json.loads, default={},
+                    help="overrides of the top-k threshold kernels' CONFIG, e.g. '{\"atomic_dq\": true}'")
     ap.add_argument("--report", nargs="+", help="print tables / draw plots from these JSON files and exit")
     args = ap.parse_args()
     if args.report:
@@ -275,13 +277,16 @@ def main():
     import triton
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"model_{args.label}.json")
+    from attnlab.kernels.topk_attn import threshold
+    threshold.CONFIG.update(args.topk_config)
     run = dict(label=args.label, device=torch.cuda.get_device_name(), torch=torch.__version__,
                triton=triton.__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               train=[], generate=[])
+               topk_config=dict(threshold.CONFIG), train=[], generate=[])
     t0 = time.time()
-    plan = [] if args.compile and args.compiled_only else [(v, T, False) for v in args.variants for T in args.T]
+    # T-major, so the variants of one T run side by side even when the budget cuts the last T
+    plan = [] if args.compile and args.compiled_only else [(v, T, False) for T in args.T for v in args.variants]
     if args.compile:
-        plan += [(v, T, args.compile_mode or True) for v in args.variants for T in args.T]
+        plan += [(v, T, args.compile_mode or True) for T in args.T for v in args.variants]
     for v, T, comp in plan:
         name = v + ("" if not comp else "+compile" if comp is True else f"+{comp}")
         if time.time() - t0 > args.budget_s:
