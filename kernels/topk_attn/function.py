@@ -5,10 +5,11 @@
 * chunk.py (the sparse kernels): per row the top-k softmax weights P (float32) and key indices I (int32),
   O(T * k); the backward gathers the k keys and scatters into dK, dV with float32 atomics.
 
-Which one runs (measured on an H200, kernels/topk_attn/NOTES.md): the threshold kernels up to THRESHOLD_MAX_T
-query rows (2-4x faster than the sparse ones at T <= 4096, 31.7 ms against ~40 at 8192, but 121 against 98 ms at
-16384) and head dims up to THRESHOLD_MAX_D (the widths checked on the GPU; wider heads take the sparse kernels,
-whose tiles are fitted to the device's shared memory).
+Which one runs (measured on an H200, kernels/topk_attn/NOTES.md, session 9): the threshold kernels up to
+THRESHOLD_MAX_T query rows (fwd+bwd at B8 H16 d64 k64: 7.6 ms against 17.6 for the sparse ones at T = 4096, 96
+against 98 at 16384, but 381 against 269 at 32768, where the sparse backward's O(T k) gathers beat the dense
+masked one) and head dims up to THRESHOLD_MAX_D (the widths checked on the GPU; wider heads take the sparse
+kernels, whose tiles are fitted to the device's shared memory).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .chunk import MAX_TOPK, topk_bwd, topk_fwd
 from .threshold import threshold_bwd, threshold_fwd
 from .reference import check_args
 
-THRESHOLD_MAX_T = 8192
+THRESHOLD_MAX_T = 16384
 THRESHOLD_MAX_D = 64
 
 
