@@ -77,15 +77,19 @@ def _per_T(target: str, ratios: dict, ok) -> tuple[str, str, str]:
             _verdict(all(ok(x) for x in xs.values()) if xs else None))
 
 
-def train_targets(train: dict) -> list[tuple[str, str, str]]:
-    """(target, numbers, verdict) for the issue's training targets (ratios of tokens/s at the same T)."""
+def train_targets(train: dict, runs: list[dict]) -> list[tuple[str, str, str]]:
+    """(target, numbers, verdict) for the issue's training targets: ratios of tokens/s at the same T, both points
+    from one run (the latest run that has both), as a ratio across runs would mix machine states."""
     modes = [m for m in ("+reduce-overhead", "") if all((v + m, 1024) in train for v in ("softmax", "linear"))]
     mode = modes[0] if modes else ""
     label = "CUDA graphs" if mode else "eager"
 
     def ratio(a, b, T):
-        pa, pb = train.get((a + mode, T)), train.get((b + mode, T))
-        return None if pa is None or pb is None else pa["tok_s"] / pb["tok_s"]
+        for run in reversed(runs):
+            pts = {r["variant"]: r for r in run.get("train", []) if r["T"] == T and "error" not in r}
+            if a + mode in pts and b + mode in pts:
+                return pts[a + mode]["tok_s"] / pts[b + mode]["tok_s"]
+        return None
 
     rows = []
     for T, want in ((1024, 1.0), (8192, 2.0), (16384, 4.0)):
@@ -159,7 +163,7 @@ def section(ops: dict, runs: list[dict]) -> str:
     for timing, op in ops.items():
         lines += [f"Op level, {TIMINGS[timing][1]}: " + markdown(op).split("**forward time")[0].strip(), ""]
     lines += ["**Targets (issue #11)**", "", "| target | measured | verdict |", "|---|---|---|"]
-    rows = train_targets(train) + generate_targets(gen) + [r for op in ops.values() for r in op_targets(op)]
+    rows = train_targets(train, runs) + generate_targets(gen) + [r for op in ops.values() for r in op_targets(op)]
     lines += [f"| {t} | {n} | {v} |" for t, n, v in rows]
     return "\n".join(lines + ["", END])
 

@@ -35,22 +35,25 @@ def write_runs(tmp_path, op, runs, folder="op"):
 
 
 def test_targets_use_cuda_graph_runs_and_later_runs_win(tmp_path):
+    """Targets read the CUDA-graph runs; each ratio pairs two points of one run, the latest run that has both."""
     eager = [("softmax", T, 500) for T in (1024, 8192, 16384)] + [("linear", T, 400) for T in (1024, 8192, 16384)]
     graphs = [("softmax+reduce-overhead", 1024, 1000), ("linear+reduce-overhead", 1024, 1100),
               ("softmax+reduce-overhead", 8192, 500), ("linear+reduce-overhead", 8192, 900),
               ("memsizer+reduce-overhead", 1024, 1200), ("memsizer+reduce-overhead", 8192, 800)]
     old = model_run("2026-01-01", eager + graphs, gen=[("linear+graph", 16, 5.0), ("linear+graph", 4096, 300.0)])
-    new = model_run("2026-01-02", [("linear+reduce-overhead", 8192, 1100)], gen=[("linear+graph", 16, 25.0)])
+    # the later run has both points at 8192 (its ratio counts) but only linear at 1024 (the old run's pair counts)
+    new = model_run("2026-01-02", [("linear+reduce-overhead", 8192, 1100), ("softmax+reduce-overhead", 8192, 500),
+                                   ("linear+reduce-overhead", 1024, 3000)], gen=[("linear+graph", 16, 25.0)])
     op = op_run({("sdpa", 2048): 1.0, ("linear_triton", 2048): 0.5, ("sdpa", 4096): 4.0,
                  ("linear_triton", 4096): 1.0, ("fla_chunk_raw", 4096): 0.8, ("topk_triton", 4096): 9.0})
     write_runs(tmp_path, op, [new, old])  # file order does not matter: the dates do
     ops, runs = refresh.load([str(tmp_path)])
     assert [r["date"] for r in runs] == ["2026-01-01", "2026-01-02"] and list(ops) == ["eager"]
-    rows = {t: (n, v) for t, n, v in refresh.train_targets(refresh.merged(runs, "train", "T"))}
-    assert rows["linear >= softmax tokens/s at T=1024 (CUDA graphs)"] == ("1.10x", "**met**")
+    rows = {t: (n, v) for t, n, v in refresh.train_targets(refresh.merged(runs, "train", "T"), runs)}
+    assert rows["linear >= softmax tokens/s at T=1024 (CUDA graphs)"] == ("1.10x", "**met**")  # not 3000 / 1000
     assert rows["linear >= 2x softmax tokens/s at T=8192 (CUDA graphs)"] == ("2.20x", "**met**")  # the later run
     assert rows["linear >= 4x softmax tokens/s at T=16384 (CUDA graphs)"] == ("-", "not measured")
-    assert rows["MemSizer >= linear at every T (CUDA graphs)"] == ("1.09x (1024), 0.73x (8192)", "**missed**")
+    assert rows["MemSizer >= linear at every T (CUDA graphs)"] == ("1.09x (1024), 0.89x (8192)", "**missed**")
     gen = {t: (n, v) for t, n, v in refresh.generate_targets(refresh.merged(runs, "generate", "B"))}
     assert gen["linear+graph: >= 20 images/s at batch 16"] == ("25.00", "**met**")
     assert gen["linear+graph: >= 200 images/s at the best batch"] == ("300.0 (batch 4096)", "**met**")
@@ -83,8 +86,10 @@ def test_graph_timed_op_results_are_judged_beside_eager_ones(tmp_path):
 
 
 def test_eager_targets_when_no_compiled_run():
-    train = refresh.merged([model_run("d", [("softmax", 1024, 500), ("linear", 1024, 250)])], "train", "T")
-    assert refresh.train_targets(train)[0] == ("linear >= softmax tokens/s at T=1024 (eager)", "0.50x", "**missed**")
+    runs = [model_run("d", [("softmax", 1024, 500), ("linear", 1024, 250)])]
+    train = refresh.merged(runs, "train", "T")
+    assert refresh.train_targets(train, runs)[0] == ("linear >= softmax tokens/s at T=1024 (eager)", "0.50x",
+                                                      "**missed**")
 
 
 def test_write_replaces_only_the_marked_block(tmp_path):
