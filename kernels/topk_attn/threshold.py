@@ -1,9 +1,10 @@
-"""Top-k attention by per-row thresholds: masked flash-attention-style sweeps, no gather, no atomics (Triton).
+"""Top-k attention by per-row thresholds: masked flash-attention-style sweeps, no gather (Triton).
 
 The top-k set of a row is {j : (s_ij, -j) > (t_i, -tj_i)} for a threshold t_i (and, only when the k-th and
 (k+1)-th scores tie, a key index tj_i that splits the tied keys). Once t is known, the forward is flash attention
 with that mask, the row max already known, and the backward is flash attention's backward with the same mask:
-tensor-core tiles throughout, O(T) memory (t, tj and the log-sum-exp per row), deterministic.
+tensor-core tiles throughout, O(T) memory (t, tj and the log-sum-exp per row), deterministic (no atomics unless
+CONFIG["atomic_dq"]).
 
 Finding t, per tile of BM query rows, in sweeps over the key tiles (s = raw dot q . k; scale > 0 keeps the order):
 
@@ -16,17 +17,19 @@ R. Count c = #{s > lo} (lo = the float just below L) and keep the 3 smallest sco
    e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo), exact up to
    the smallest 3rd entry of a full list (the scores no list holds lie above it). e = 0 -> t between lo and u_1;
    1 <= e < pops and u_(e+1) exact -> t between u_e and u_(e+1); otherwise lo rises to the last exact u_j
-   (j <= e) and R repeats (rare: ~1 row in 10^4 on random rows at the defaults).
+   (j <= e) and R repeats (rare: ~1% of the 64-row tiles of random inputs at the defaults, on an H200).
    t is the midpoint of the gap, so an ulp of difference in a recomputed score could not move a key across it.
 T. Only when the boundary is a tie (two keys with the k-th score): t = that score and tj is found by bisection on
    the key index: #{s > t} + #{s == t, j < tj} = k. Ties break towards the smaller key index.
 F. The masked forward: p = exp(scale (s - max)) where selected, out = p v / sum p.
 
 Kernels: _select_kernel (A, R, T; BM_sel rows, register-heavy), _fwd_kernel (F), _bwd_dq_kernel, _bwd_dkdv_kernel
-(BM rows). All compute a score with the same code (_scores: one tensor-core dot over the head dim, in the same
+(BM rows; with CONFIG["atomic_dq"] the dk/dv kernel also adds dq with float32 atomics and _delta_kernel replaces
+the dq kernel). All compute a score with the same code (_scores: one tensor-core dot over the head dim, in the same
 order), so they see the same bits whatever the tile shape; on an H200 the tie check (169 tie rows, selection
-BM_sel = 64 against BM = 128 elsewhere) confirmed it for the row tiles (a dk/dv key tile BN_kv other than BN is
-not yet checked on a GPU). Measured costs: kernels/topk_attn/NOTES.md.
+BM_sel = 64 against BM = 128 elsewhere) confirmed it for the row tiles, and bench/check_topk_gpu.py's score_bits
+compares sweep A's row max, bit for bit, across key tiles 128 / 64 / 32, row tiles 64 / 128 and 4 / 8 warps.
+Measured costs: kernels/topk_attn/NOTES.md.
 """
 from __future__ import annotations
 
