@@ -18,7 +18,8 @@ R. Count c = #{s > lo} (lo = the float just below L) and keep the 3 smallest sco
    the smallest 3rd entry of a full list (the scores no list holds lie above it). e = 0 -> t between lo and u_1;
    1 <= e < pops and u_(e+1) exact -> t between u_e and u_(e+1); otherwise lo rises to the last exact u_j
    (j <= e) and R repeats (rare: ~1% of the 64-row tiles of random inputs at the defaults, on an H200).
-   t is the midpoint of the gap, so an ulp of difference in a recomputed score could not move a key across it.
+   t lies strictly inside the gap (halfway between u_e and u_(e+1), or between lo and u_1), and the kernels that
+   compare scores with it recompute them with the same bits (see below).
 T. Only when the boundary is a tie (two keys with the k-th score): t = that score and tj is found by bisection on
    the key index: #{s > t} + #{s == t, j < tj} = k. Ties break towards the smaller key index.
 F. The masked forward: p = exp(scale (s - max)) where selected, out = p v / sum p.
