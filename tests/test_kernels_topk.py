@@ -33,11 +33,17 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, **THRESHOLD_CFG})
 
 
+def use_path(monkeypatch, name):
+    """Send topk_attention_triton down one algorithm for every T: threshold, threshold-atomic (the threshold kernels
+    with dq by atomics, CONFIG["atomic_dq"]) or sparse."""
+    monkeypatch.setattr(function, "THRESHOLD_MAX_T", 0 if name == "sparse" else 1 << 62)
+    monkeypatch.setitem(threshold.CONFIG, "atomic_dq", name == "threshold-atomic")
+
+
 @pytest.fixture(params=["threshold", "threshold-atomic", "sparse"])
 def path(request, monkeypatch):
-    """Which algorithm topk_attention_triton takes (for every T); threshold-atomic: dq by atomics (atomic_dq)."""
-    monkeypatch.setattr(function, "THRESHOLD_MAX_T", 0 if request.param == "sparse" else 1 << 62)
-    monkeypatch.setitem(threshold.CONFIG, "atomic_dq", request.param == "threshold-atomic")
+    """Which algorithm topk_attention_triton takes (for every T)."""
+    use_path(monkeypatch, request.param)
     return request.param
 
 
@@ -246,8 +252,7 @@ def test_compiles_for_hopper(monkeypatch):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     launches = record_launches(monkeypatch)
     for path in ("threshold", "threshold-atomic", "sparse"):
-        monkeypatch.setattr(function, "THRESHOLD_MAX_T", 0 if path == "sparse" else 1 << 62)
-        monkeypatch.setitem(threshold.CONFIG, "atomic_dq", path == "threshold-atomic")
+        use_path(monkeypatch, path)
         function.topk_attention_triton(q, k, v, 64, True, key_padding_mask=kpm).float().sum().backward()
         function.topk_attention_triton(q, k, v, 64, False).float().sum().backward()
     for spec in launches:
