@@ -76,22 +76,21 @@ def _mid(a, b):
 
 
 @triton.jit
+def _order(a, x, LARGEST: tl.constexpr):
+    """(the one of a, x to keep, the one to pass on): the larger first when LARGEST, else the smaller."""
+    if LARGEST:
+        return tl.maximum(a, x), tl.minimum(a, x)
+    else:
+        return tl.minimum(a, x), tl.maximum(a, x)
+
+
+@triton.jit
 def _keep3(a1, a2, a3, x, LARGEST: tl.constexpr):
     """Elementwise insertion of x into the sorted lists a1, a2, a3: the 3 largest (LARGEST) or smallest so far."""
-    if LARGEST:
-        y = tl.maximum(a1, x)
-        x = tl.minimum(a1, x)
-        a1 = y
-        y = tl.maximum(a2, x)
-        x = tl.minimum(a2, x)
-        return a1, y, tl.maximum(a3, x)
-    else:
-        y = tl.minimum(a1, x)
-        x = tl.maximum(a1, x)
-        a1 = y
-        y = tl.minimum(a2, x)
-        x = tl.maximum(a2, x)
-        return a1, y, tl.minimum(a3, x)
+    a1, x = _order(a1, x, LARGEST)
+    a2, x = _order(a2, x, LARGEST)
+    a3, _ = _order(a3, x, LARGEST)
+    return a1, a2, a3
 
 
 @triton.jit
