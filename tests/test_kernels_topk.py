@@ -23,8 +23,8 @@ from attnlab.kernels.topk_attn.reference import attention_over, threshold_keep, 
 pytestmark = pytest.mark.usefixtures("poison")
 # small tiles: 8 groups, 16 candidate slots, 2 persistent programs (several tiles each)
 CFG = dict(BM=16, BN=8, CAP=16, BS=16, KC=4, BMB=16, progs_per_sm=1)
-# 8 groups: 24 kept scores per row in A, 8 lists in R; other key tiles in the forward and backward
-THRESHOLD_CFG = dict(BM=16, BM_sel=16, BN=8, BN_rf=8, BN_fwd=16, BN_dq=8, BM_kv=8, BN_kv=16)
+# 8 groups: 24 kept scores per row in A; other key tiles in the forward and backward
+THRESHOLD_CFG = dict(BM=16, BM_sel=16, BN=8, BN_fwd=16, BN_dq=8, BM_kv=8, BN_kv=16)
 
 
 @pytest.fixture(autouse=True)
@@ -33,18 +33,14 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, **THRESHOLD_CFG})
 
 
-PATHS = ("threshold", "threshold-unfused", "threshold-atomic", "sparse")
-
-
 def use_path(monkeypatch, name):
-    """Send topk_attention_triton down one algorithm for every T: threshold, threshold-unfused (sweep R in the
-    selection kernel, CONFIG["fuse_rf"] off), threshold-atomic (dq by atomics, CONFIG["atomic_dq"]) or sparse."""
+    """Send topk_attention_triton down one algorithm for every T: threshold, threshold-atomic (the threshold kernels
+    with dq by atomics, CONFIG["atomic_dq"]) or sparse."""
     monkeypatch.setattr(function, "THRESHOLD_MAX_T", 0 if name == "sparse" else 1 << 62)
     monkeypatch.setitem(threshold.CONFIG, "atomic_dq", name == "threshold-atomic")
-    monkeypatch.setitem(threshold.CONFIG, "fuse_rf", name != "threshold-unfused")
 
 
-@pytest.fixture(params=PATHS)
+@pytest.fixture(params=["threshold", "threshold-atomic", "sparse"])
 def path(request, monkeypatch):
     """Which algorithm topk_attention_triton takes (for every T)."""
     use_path(monkeypatch, request.param)
@@ -189,7 +185,7 @@ def test_threshold_count_sweeps_repeat(monkeypatch):
     """4 groups (12 kept scores per row) for k = 10 of 129 keys: sweep A's bound is loose, rows have many extra
     scores above it and their groups' lists run out, so R repeats (raising its bound each time) before the masked
     forward."""
-    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "BN": 4, "BN_rf": 4})
+    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "BN": 4})
     q, k, v, kpm = inputs(2, 1, 40, 129, seed=5, pad=False)
     assert (sweeps(q, k, v, 10, False) >= 3).all()  # the path under test is really taken
     check(q, k, v, 10, False)
@@ -206,21 +202,6 @@ def test_threshold_pops_resolve_extra_scores(monkeypatch, pops):
     monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "pops": 8 - pops})
     assert (n < sweeps(q, k, v, 10, False).sum().item()) == (pops == 6)
     monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "pops": pops})
-    check(q, k, v, 10, False)
-
-
-def test_threshold_fused_sweep_takes_off_extra_scores(monkeypatch):
-    """The fused forward sums p v over every score above lo; with slack 4 the bisection leaves up to 4 extra ones
-    on a row, which the pops find and whose terms it takes off again (a tile no first count settles would rerun F:
-    not here)."""
-    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "slack": 4, "pops": 6, "BN": 16, "BN_rf": 16})
-    q, k, v, _ = inputs(2, 1, 40, 129, seed=5)
-    monkeypatch.setitem(threshold.CONFIG, "stop", 2)  # the selection kernel stores lo and stops
-    lo = threshold.threshold_fwd(q, k, v, 10, False, None, 1.0)[2]
-    monkeypatch.setitem(threshold.CONFIG, "stop", 0)
-    extra = ((q @ k.transpose(-1, -2)) > lo[..., None]).sum(-1) - 10
-    assert (extra > 0).sum() >= 40 and extra.min() >= 0
-    assert (sweeps(q, k, v, 10, False) == 1).all()
     check(q, k, v, 10, False)
 
 
@@ -270,7 +251,7 @@ def test_compiles_for_hopper(monkeypatch):
     q, k, v, kpm = inputs(1, 1, 65, 65, d=64, dv=64, dtype=torch.bfloat16, seed=16, pad=True)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     launches = record_launches(monkeypatch)
-    for path in PATHS:
+    for path in ("threshold", "threshold-atomic", "sparse"):
         use_path(monkeypatch, path)
         function.topk_attention_triton(q, k, v, 64, True, key_padding_mask=kpm).float().sum().backward()
         function.topk_attention_triton(q, k, v, 64, False).float().sum().backward()

@@ -50,7 +50,7 @@ from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 # (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 8, "BM": 128, "BN": 128, "warps": 4, "stages": 2, "bwd_warps": 8,
           "bwd_stages": 2, "BN_fwd": 128, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
-          "pops": 6, "atomic_dq": False, "fuse_rf": True, "BN_rf": 64, "rf_warps": 8}
+          "pops": 6, "atomic_dq": False}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 LOG2E = 1.4426950408889634
@@ -94,119 +94,30 @@ def _keep3(a1, a2, a3, x, LARGEST: tl.constexpr):
 
 
 @triton.jit
-def _keep3_at(a1, a2, a3, i1, i2, i3, x, ix):
-    """_keep3 of the smallest, each entry carrying a payload (i1, i2, i3; ix is x's)."""
-    lt = x < a1
-    a1, x, i1, ix = tl.where(lt, x, a1), tl.where(lt, a1, x), tl.where(lt, ix, i1), tl.where(lt, i1, ix)
-    lt = x < a2
-    a2, x, i2, ix = tl.where(lt, x, a2), tl.where(lt, a2, x), tl.where(lt, ix, i2), tl.where(lt, i2, ix)
-    lt = x < a3
-    return a1, a2, tl.where(lt, x, a3), i1, i2, tl.where(lt, ix, i3)
-
-
-@triton.jit
 def _pop_min(b1, b2, b3, cols):
-    """Smallest entry u of the per-group sorted lists (b1 <= b2 <= b3), its group (column) `at`, and the lists with
-    u removed."""
+    """Smallest entry u of the per-group sorted lists (b1 <= b2 <= b3), and the lists with u removed."""
     u = tl.min(b1, 1)
     at = tl.min(tl.where(b1 == u[:, None], cols[None, :], 1 << 30), 1)
     hit = cols[None, :] == at[:, None]
-    return u, at, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, POS, b3)
+    return u, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, POS, b3)
 
 
 @triton.jit
-def _accumulate(acc, den, s, sel, mx, qk2, Vb, cols, svt, dv, S, DV, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The masked forward's sums over one key tile: p = exp2((s - max) qk2) where sel; den += sum p, acc += p v."""
-    p = tl.where(sel, tl.exp2((s - mx[:, None]) * qk2), 0.0)
-    v = tl.load(Vb + cols[:, None] * svt + dv[None, :], mask=(cols[:, None] < S) & (dv[None, :] < DV), other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    return acc + tl.dot(p.to(v.dtype), v, input_precision=PREC), den + tl.sum(p, 1)
-
-
-@triton.jit
-def _count_pass(q, K, KPM, Vb, rows, m0, n_end, off, S, DK, DV, skt, svt, lo, mx, qk2,
-                BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, OUT: tl.constexpr):
+def _count_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, lo,
+                BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Sweep R: #{s > lo} of every row and the 3 smallest {s > lo} of every group (POS where fewer). The count is
-    kept per group and summed once at the end: no row reduction per key tile. OUT (the fused R + F sweep): also
-    the first key of each listed score's tile (i1..i3; its key is that plus its group) and the masked forward's
-    sums over s > lo (acc, den: _accumulate)."""
+    kept per group and summed once at the end: no row reduction per key tile."""
     cnt = tl.zeros([BM, BN], dtype=tl.int32)
     b1 = tl.full([BM, BN], POS, tl.float32)
     b2 = tl.full([BM, BN], POS, tl.float32)
     b3 = tl.full([BM, BN], POS, tl.float32)
-    i1 = tl.zeros([BM, BN], dtype=tl.int32)
-    i2 = tl.zeros([BM, BN], dtype=tl.int32)
-    i3 = tl.zeros([BM, BN], dtype=tl.int32)
-    acc = tl.zeros([BM, DVP], dtype=tl.float32)
-    den = tl.zeros([BM], dtype=tl.float32)
-    dv = tl.arange(0, DVP)
     for n0 in range(0, n_end, BN):
         s = _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         up = s > lo[:, None]
         cnt += up.to(tl.int32)
-        if OUT:
-            b1, b2, b3, i1, i2, i3 = _keep3_at(b1, b2, b3, i1, i2, i3, tl.where(up, s, POS), n0)
-            acc, den = _accumulate(acc, den, s, up, mx, qk2, Vb, n0 + tl.arange(0, BN), svt, dv, S, DV, PREC,
-                                   UPCAST)
-        else:
-            b1, b2, b3 = _keep3(b1, b2, b3, tl.where(up, s, POS), False)
-    return tl.sum(cnt, 1), b1, b2, b3, i1, i2, i3, acc, den
-
-
-@triton.jit
-def _pop_step(cnt, b1, b2, b3, i1, i2, i3, lo, state, t, KK, Vb, svt, dv, DV, mx, qk2,
-              BM: tl.constexpr, BN: tl.constexpr, DVP: tl.constexpr, POPS: tl.constexpr, UPCAST: tl.constexpr,
-              OUT: tl.constexpr):
-    """After a count sweep: the rows whose threshold it settles (state 0 -> 1 with t, or 2: a tie at t), lo lifted
-    for the others. OUT: also the sums to take off the fused sweep's acc, den for the e = c - k popped scores
-    u_1 .. u_e (below t, so not selected; valid on the rows it settles by a gap)."""
-    act = state == 0
-    e = cnt - KK
-    cols = tl.arange(0, BN)
-    # pop u_1 .. u_(e+1) (at most POPS): ue = u_e (lo for e = 0), ue1 = u_(e+1) and whether it is exact;
-    # lift = the last exact u_j with j <= e, where lo goes when e is out of reach. A popped u is the true
-    # j-th smallest score > lo when u <= full: the scores no list holds are >= the 3rd of a full list.
-    full = tl.min(tl.where(b3 < POS, b3, POS), 1)
-    ue = lo
-    ue1 = tl.full([BM], POS, tl.float32)
-    exact1 = act & False
-    lift = lo
-    sub = tl.zeros([BM, DVP], dtype=tl.float32)
-    sden = tl.zeros([BM], dtype=tl.float32)
-    npop = tl.max(tl.where(act & (e >= 0), tl.minimum(e + 1, POPS), 0), 0)
-    j = 1
-    while j <= npop:
-        if OUT:  # the popped score's key: its tile's first key (i1 of its group) plus its group
-            u, at, c1, b2, b3 = _pop_min(b1, b2, b3, cols)
-            hit = cols[None, :] == at[:, None]
-            key = tl.sum(tl.where(hit, i1, 0), 1) + at
-            i1, i2, i3 = tl.where(hit, i2, i1), tl.where(hit, i3, i2), i3
-            b1 = c1
-            gone = act & (j <= e)
-            pu = tl.where(gone, tl.exp2((u - mx) * qk2), 0.0)  # the same bits as the sweep's p for this score
-            v = tl.load(Vb + key[:, None] * svt + dv[None, :], mask=gone[:, None] & (dv[None, :] < DV), other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            sub += pu.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)
-            sden += pu
-        else:
-            u, _, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
-        ue = tl.where(e == j, u, ue)
-        ue1 = tl.where(e + 1 == j, u, ue1)
-        exact1 = tl.where(e + 1 == j, u <= full, exact1)
-        lift = tl.where((u <= full) & (j <= e), u, lift)
-        j += 1
-    sep = exact1 & (ue < ue1)
-    t = tl.where(sep, _mid(ue, ue1), t)
-    # a tie at the boundary: u_e = u_(e+1), or (e < 0, lo above -inf: lo came from a lift) the k-th score is lo
-    tie = (exact1 & (ue == ue1)) | (act & (e < 0) & (lo > NEG))
-    t = tl.where(tie, tl.where(e < 0, lo, ue), t)
-    every = act & (e < 0) & (lo == NEG)  # fewer than k visible keys: t = -inf takes them all
-    state = tl.where(sep | every, 1, tl.where(tie, 2, state))
-    lo = tl.where(act & (e > 0) & ~exact1, lift, lo)
-    return state, t, lo, sub, sden
+        b1, b2, b3 = _keep3(b1, b2, b3, tl.where(up, s, POS), False)
+    return tl.sum(cnt, 1), b1, b2, b3
 
 
 @triton.jit
@@ -222,38 +133,6 @@ def _tie_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, ts, x,
         gt += tl.sum((s > ts[:, None]).to(tl.int32), 1)
         eq += tl.sum(((s == ts[:, None]) & (cols[None, :] < x[:, None])).to(tl.int32), 1)
     return gt, eq
-
-
-@triton.jit
-def _resolve(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, lo, state, t, KK,
-             BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-             PREC: tl.constexpr, UPCAST: tl.constexpr, POPS: tl.constexpr):
-    """Sweeps R until every row has its threshold (state 0: counting, 1: done, 2: tie at t), then sweeps T for
-    the ties: (t, tj, R sweeps, T sweeps)."""
-    sweeps = 0
-    while tl.max(tl.where(state == 0, 1, 0), 0) > 0:
-        cnt, b1, b2, b3, i1, i2, i3, _, _ = _count_pass(q, Kb, KPMb, Kb, rows, m0, n_end, off, S, DK, DK, skt, skt,
-                                                        lo, t, 1.0, BM, BN, DP, DP, CAUSAL, HAS_PAD, PREC, UPCAST,
-                                                        False)
-        sweeps += 1
-        state, t, lo, _, _ = _pop_step(cnt, b1, b2, b3, i1, i2, i3, lo, state, t, KK, Kb, skt, tl.arange(0, DP), DK,
-                                       t, 1.0, BM, BN, DP, POPS, UPCAST, False)
-
-    # T. ties at the boundary: the key index tj that lets exactly k through, by bisection on [0, S]
-    tie = state == 2
-    xlo = tl.zeros([BM], dtype=tl.int32)
-    xhi = tl.where(tie, S, 0)
-    tsweeps = 0
-    while tl.max(xhi - xlo, 0) > 1:
-        tsweeps += 1
-        mid = (xlo + xhi) // 2
-        gt, eq = _tie_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, t, mid,
-                           BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
-        busy = xhi - xlo > 1
-        up = gt + eq >= KK
-        xhi = tl.where(busy & up, mid, xhi)
-        xlo = tl.where(busy & ~up, mid, xlo)
-    return t, tl.where(tie, xhi, 0), sweeps, tsweeps
 
 
 @triton.jit
@@ -277,8 +156,7 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
                    sqb, sqh, sqt, skb, skh, skt, smb,
                    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SEL_BITS: tl.constexpr,
-                   SLACK: tl.constexpr, POPS: tl.constexpr, WITH_STATS: tl.constexpr, RESOLVE: tl.constexpr,
-                   STOP: tl.constexpr):
+                   SLACK: tl.constexpr, POPS: tl.constexpr, WITH_STATS: tl.constexpr, STOP: tl.constexpr):
     """One tile of BM query rows: sweeps A, R (T). Stores the raw row max (MX) and the threshold (TT, TJ) per row;
     WITH_STATS: also the tile's bisection steps, R sweeps and T sweeps (STATS, 3 int32 per tile).
     STOP != 0 only for the timing breakdown and checks (bench/check_topk_gpu.py): stop after A (1), the bisection
@@ -334,105 +212,100 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
         tl.store(TT + r, lo, mask=rmask)
         return
 
-    if not RESOLVE:  # the fused forward counts (_fwd_kernel, FUSED): lo goes to TT
-        tl.store(TT + r, lo, mask=rmask)
-    else:
-        t, tj, sweeps, tsweeps = _resolve(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, lo,
-                                          tl.where(rmask, 0, 1), tl.full([BM], NEG, tl.float32), KK,
-                                          BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST, POPS)
-        tl.store(TT + r, t, mask=rmask)
-        tl.store(TJ + r, tj, mask=rmask)
+    # R. count above lo until every row has its threshold (state 0: counting, 1: done, 2: tie at t)
+    state = tl.where(rmask, 0, 1)
+    t = tl.full([BM], NEG, tl.float32)
+    cols = tl.arange(0, BN)
+    sweeps = 0
+    while tl.max(tl.where(state == 0, 1, 0), 0) > 0:
+        cnt, b1, b2, b3 = _count_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, lo,
+                                      BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        sweeps += 1
+        act = state == 0
+        e = cnt - KK
+        # pop u_1 .. u_(e+1) (at most POPS): ue = u_e (lo for e = 0), ue1 = u_(e+1) and whether it is exact;
+        # lift = the last exact u_j with j <= e, where lo goes when e is out of reach. A popped u is the true
+        # j-th smallest score > lo when u <= full: the scores no list holds are >= the 3rd of a full list.
+        full = tl.min(tl.where(b3 < POS, b3, POS), 1)
+        ue = lo
+        ue1 = tl.full([BM], POS, tl.float32)
+        exact1 = rmask & False
+        lift = lo
+        npop = tl.max(tl.where(act & (e >= 0), tl.minimum(e + 1, POPS), 0), 0)
+        j = 1
+        while j <= npop:
+            u, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
+            ue = tl.where(e == j, u, ue)
+            ue1 = tl.where(e + 1 == j, u, ue1)
+            exact1 = tl.where(e + 1 == j, u <= full, exact1)
+            lift = tl.where((u <= full) & (j <= e), u, lift)
+            j += 1
+        sep = exact1 & (ue < ue1)
+        t = tl.where(sep, _mid(ue, ue1), t)
+        # a tie at the boundary: u_e = u_(e+1), or (e < 0, lo above -inf: lo came from a lift) the k-th score is lo
+        tie = (exact1 & (ue == ue1)) | (act & (e < 0) & (lo > NEG))
+        t = tl.where(tie, tl.where(e < 0, lo, ue), t)
+        every = act & (e < 0) & (lo == NEG)  # fewer than k visible keys: t = -inf takes them all
+        state = tl.where(sep | every, 1, tl.where(tie, 2, state))
+        lo = tl.where(act & (e > 0) & ~exact1, lift, lo)
+
+    # T. ties at the boundary: the key index tj that lets exactly k through, by bisection on [0, S]
+    tie = state == 2
+    xlo = tl.zeros([BM], dtype=tl.int32)
+    xhi = tl.where(tie, S, 0)
+    tsweeps = 0
+    while tl.max(xhi - xlo, 0) > 1:
+        tsweeps += 1
+        mid = (xlo + xhi) // 2
+        gt, eq = _tie_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, t, mid,
+                           BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        busy = xhi - xlo > 1
+        up = gt + eq >= KK
+        xhi = tl.where(busy & up, mid, xhi)
+        xlo = tl.where(busy & ~up, mid, xlo)
+    tl.store(TT + r, t, mask=rmask)
+    tl.store(TJ + r, tl.where(tie, xhi, 0), mask=rmask)
     if WITH_STATS:
         st = STATS + (bh * NM + tl.program_id(0)) * 3
         tl.store(st, steps)
-        if RESOLVE:
-            tl.store(st + 1, sweeps)
-            tl.store(st + 2, tsweeps)
+        tl.store(st + 1, sweeps)
+        tl.store(st + 2, tsweeps)
 
 
 @triton.jit
-def _masked_pass(q, Kb, KPMb, Vb, rows, m0, n_end, off, S, DK, DV, skt, svt, mx, t, tj, qk2,
-                 BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
-                 HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Sweep F: acc = sum p v, den = sum p over the selected keys (_accumulate)."""
+def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, T, S, H, DK, DV, off, qk2, NM,
+                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb,
+                BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Sweep F, the masked forward: out = sum p v / sum p with p = exp(scale (s - max)) where selected. The row max
+    is selected (k >= 1), so p <= 1 and sum p >= 1 on a non-empty row. Stores out and the base-2 log-sum-exp of
+    the selected scaled scores (LSE; qk2 = scale * log2(e))."""
+    bh, b, h, m0 = _tile_ids(NM, BM, H)
+    rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
+                                                BM, DP, CAUSAL, UPCAST)
     dv = tl.arange(0, DVP)
+    Vb = V + b.to(tl.int64) * svb + h * svh
+    r = bh.to(tl.int64) * T + rows
+    mx = tl.load(MX + r, mask=rmask, other=0.0)
+    t = tl.load(TT + r, mask=rmask, other=POS)
+    tj = tl.load(TJ + r, mask=rmask, other=0)
     LEX = tl.max(tj, 0) > 0
     acc = tl.zeros([BM, DVP], dtype=tl.float32)
     den = tl.zeros([BM], dtype=tl.float32)
     for n0 in range(0, n_end, BN):
         s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         cols = n0 + tl.arange(0, BN)
-        acc, den = _accumulate(acc, den, s, _selected(s, cols, t, tj, LEX), mx, qk2, Vb, cols, svt, dv, S, DV, PREC,
-                               UPCAST)
-    return acc, den
-
-
-@triton.jit
-def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, STATS, T, S, H, DK, DV, off, qk2, KK, NM,
-                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb,
-                BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, MODE: tl.constexpr,
-                BN_R: tl.constexpr, POPS: tl.constexpr, WITH_STATS: tl.constexpr):
-    """The masked forward: out = sum p v / sum p with p = exp(scale (s - max)) where selected. The row max is
-    selected (k >= 1), so p <= 1 and sum p >= 1 on a non-empty row. Stores out and the base-2 log-sum-exp of the
-    selected scaled scores (LSE; qk2 = scale * log2(e)).
-    MODE 0: t, tj from the selection kernel (TT, TJ). MODE 1, fused: TT holds lo (the selection kernel stopped
-    after the bisection); one sweep of BN_R-key tiles counts #{s > lo} (sweep R) and sums p v, p over s > lo; the
-    pops then find t and which e scores above lo lie below it, and take their terms off again (a gather of e value
-    rows). A row the first count does not settle (rare: it needs another R sweep, or a tie split) is left for
-    MODE 2 with TJ < 0 (-1: counting, TT = its lifted lo; -2: a tie at TT = t). MODE 2 (launched after 1): tiles
-    with such a row finish R and T (_resolve) and sweep F anew; the others return at once. STATS: R and T sweeps."""
-    bh, b, h, m0 = _tile_ids(NM, BM, H)
-    r = bh.to(tl.int64) * T + m0 + tl.arange(0, BM)
-    rmask = m0 + tl.arange(0, BM) < T
-    run = True
-    if MODE == 2:
-        tj = tl.load(TJ + r, mask=rmask, other=0)
-        run = tl.min(tj, 0) < 0
-    if run:
-        rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh,
-                                                    smb, BM, DP, CAUSAL, UPCAST)
-        dv = tl.arange(0, DVP)
-        Vb = V + b.to(tl.int64) * svb + h * svh
-        mx = tl.load(MX + r, mask=rmask, other=0.0)
-        st = STATS + (bh * NM + tl.program_id(0)) * 3
-        if MODE == 1:
-            lo = tl.load(TT + r, mask=rmask, other=NEG)
-            cnt, b1, b2, b3, i1, i2, i3, acc, den = _count_pass(q, Kb, KPMb, Vb, rows, m0, n_end, off, S, DK, DV,
-                                                                skt, svt, lo, mx, qk2, BM, BN_R, DP, DVP, CAUSAL,
-                                                                HAS_PAD, PREC, UPCAST, True)
-            state, t, lo, sub, sden = _pop_step(cnt, b1, b2, b3, i1, i2, i3, lo, tl.where(rmask, 0, 1),
-                                                tl.full([BM], NEG, tl.float32), KK, Vb, svt, dv, DV, mx, qk2,
-                                                BM, BN_R, DVP, POPS, UPCAST, True)
-            acc -= sub
-            den -= sden
-            tl.store(TT + r, tl.where(state == 0, lo, t), mask=rmask)
-            tl.store(TJ + r, tl.where(state == 0, -1, tl.where(state == 2, -2, 0)), mask=rmask)
-            if WITH_STATS:
-                tl.store(st + 1, 1)
-                tl.store(st + 2, 0)
-        else:
-            if MODE == 2:
-                tt = tl.load(TT + r, mask=rmask, other=0.0)
-                state = tl.where(tj == -1, 0, tl.where(tj == -2, 2, 1))
-                t, tj, more, tsweeps = _resolve(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt,
-                                                tl.where(state == 0, tt, NEG), state, tl.where(state == 0, NEG, tt),
-                                                KK, BM, BN_R, DP, CAUSAL, HAS_PAD, PREC, UPCAST, POPS)
-                tl.store(TT + r, t, mask=rmask)
-                tl.store(TJ + r, tj, mask=rmask)
-                if WITH_STATS:
-                    tl.store(st + 1, tl.load(st + 1) + more)
-                    tl.store(st + 2, tsweeps)
-            else:
-                t = tl.load(TT + r, mask=rmask, other=POS)
-                tj = tl.load(TJ + r, mask=rmask, other=0)
-            acc, den = _masked_pass(q, Kb, KPMb, Vb, rows, m0, n_end, off, S, DK, DV, skt, svt, mx, t, tj, qk2,
-                                    BM, BN, DP, DVP, CAUSAL, HAS_PAD, PREC, UPCAST)
-        live = den > 0
-        out = acc / tl.where(live, den, 1.0)[:, None]
-        tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None] * sot + dv[None, :],
-                 out.to(O.dtype.element_ty), mask=rmask[:, None] & (dv[None, :] < DV))
-        tl.store(LSE + r, tl.where(live, mx * qk2 + tl.log2(tl.where(live, den, 1.0)), 0.0), mask=rmask)
+        p = tl.where(_selected(s, cols, t, tj, LEX), tl.exp2((s - mx[:, None]) * qk2), 0.0)
+        den += tl.sum(p, 1)
+        v = tl.load(Vb + cols[:, None] * svt + dv[None, :], mask=(cols[:, None] < S) & (dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    live = den > 0
+    out = acc / tl.where(live, den, 1.0)[:, None]
+    tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None] * sot + dv[None, :], out.to(O.dtype.element_ty),
+             mask=rmask[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + r, tl.where(live, mx * qk2 + tl.log2(tl.where(live, den, 1.0)), 0.0), mask=rmask)
 
 
 @triton.jit
@@ -571,24 +444,18 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None):
     meta = dict(DP=_pow2(DK), CAUSAL=causal, HAS_PAD=key_padding_mask is not None, PREC=prec, UPCAST=upcast,
                 num_stages=CONFIG["stages"])
     stop = CONFIG.get("stop", 0)  # timing breakdown only (bench/check_topk_gpu.py)
-    fused = CONFIG["fuse_rf"]
     NS = triton.cdiv(T, BMS)
-    stats = tj if stats is None else stats
     _select_kernel[(NS, B * H)](
-        q, k, kpm, mx, tt, tj, stats, T, S, H, DK, S - T, topk, NS, *q.stride()[:3], *k.stride()[:3],
-        kpm.stride(0), BM=BMS, BN=CONFIG["BN"], SEL_BITS=CONFIG["SEL_BITS"], SLACK=CONFIG["slack"],
-        POPS=CONFIG["pops"], WITH_STATS=stats is not tj, RESOLVE=not fused, STOP=stop,
-        num_warps=CONFIG["sel_warps"], **meta)
+        q, k, kpm, mx, tt, tj, tj if stats is None else stats, T, S, H, DK, S - T, topk, NS, *q.stride()[:3],
+        *k.stride()[:3], kpm.stride(0), BM=BMS, BN=CONFIG["BN"], SEL_BITS=CONFIG["SEL_BITS"], SLACK=CONFIG["slack"],
+        POPS=CONFIG["pops"], WITH_STATS=stats is not None, STOP=stop, num_warps=CONFIG["sel_warps"], **meta)
     if stop:
         return out, lse, tt, tj
-    BM = BMS if fused else BM  # the fused forward keeps the selection's row tiles (and so its STATS layout)
     NM = triton.cdiv(T, BM)
-    for mode in (1, 2) if fused else (0,):
-        _fwd_kernel[(NM, B * H)](
-            q, k, v, kpm, mx, tt, tj, out, lse, stats, T, S, H, DK, DV, S - T, scale * LOG2E, topk, NM,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], kpm.stride(0),
-            BM=BM, BN=CONFIG["BN_fwd"], DVP=_pow2(DV), MODE=mode, BN_R=CONFIG["BN_rf"], POPS=CONFIG["pops"],
-            WITH_STATS=stats is not tj, num_warps=CONFIG["rf_warps" if fused else "warps"], **meta)
+    _fwd_kernel[(NM, B * H)](
+        q, k, v, kpm, mx, tt, tj, out, lse, T, S, H, DK, DV, S - T, scale * LOG2E, NM,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], kpm.stride(0),
+        BM=BM, BN=CONFIG["BN_fwd"], DVP=_pow2(DV), num_warps=CONFIG["warps"], **meta)
     return out, lse, tt, tj
 
 
