@@ -182,12 +182,16 @@ def sweeps(q, k, v, topk, causal):
 
 
 def test_threshold_count_sweeps_repeat(monkeypatch):
-    """4 groups (12 kept scores per row) for k = 10 of 129 keys: sweep A's bound is loose, rows have many extra
-    scores above it and their groups' lists run out, so R repeats (raising its bound each time) before the masked
-    forward."""
-    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "BN": 4})
+    """4 groups keeping 3 scores each (12 per row; also the path of CONFIG["keep"] = 3) for k = 10 of 129 keys:
+    sweep A's bound is loose, rows have many extra scores above it and their groups' lists run out, so R repeats
+    (raising its bound each time) before the masked forward."""
+    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "BN": 4, "keep": 3})
     q, k, v, kpm = inputs(2, 1, 40, 129, seed=5, pad=False)
-    assert (sweeps(q, k, v, 10, False) >= 3).all()  # the path under test is really taken
+    n3 = sweeps(q, k, v, 10, False)
+    assert (n3 >= 3).all()  # the path under test is really taken
+    monkeypatch.setitem(threshold.CONFIG, "keep", 4)  # 16 kept scores per row: a tighter bound, fewer sweeps
+    assert sweeps(q, k, v, 10, False).sum() < n3.sum()
+    monkeypatch.setitem(threshold.CONFIG, "keep", 3)
     check(q, k, v, 10, False)
     check(q, k, v, 10, True, seed=2)
 
@@ -291,7 +295,7 @@ def test_threshold_op_passes_opcheck():
 
 def test_threshold_top_k_in_one_group():
     """Adversarial for sweep A: every key of group 0 (j = 0 mod 8) outscores all others, so a row's top k = 10 sit
-    in one group, which keeps only 3 of them. R's pops use up that group's list after 3, so R raises its bound
+    in one group, which keeps only 4 of them. R's pops use up that group's list after 3, so R raises its bound
     and sweeps again, several times, and the result is still exact."""
     q, k, v, _ = inputs(1, 1, 24, 129, seed=14)
     u = torch.randn(16, generator=torch.Generator().manual_seed(15))

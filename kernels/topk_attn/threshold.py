@@ -8,11 +8,12 @@ CONFIG["atomic_dq"]).
 
 Finding t, per tile of BM query rows, in sweeps over the key tiles (s = raw dot q . k; scale > 0 keeps the order):
 
-A. Per group (key j is in group j mod BN) the 3 largest scores and the row max. A bisection on the kept scores'
-   order-preserving int32 bits, inside [the smallest group max, the row max], finds L with k .. k + slack of the
-   3*BN kept scores >= L: a lower bound of the row's k-th largest, as they are distinct scores. A score above L is
-   missed only if its group holds 4 or more of the row's top k; with 128 groups and k = 64 that is ~0.2 scores
-   per random row.
+A. Per group (key j is in group j mod BN) the KEEP (CONFIG["keep"], 4) largest scores and the row max. A bisection
+   on the kept scores' order-preserving int32 bits, inside [the smallest group max, the row max], finds L with
+   k .. k + slack of the KEEP*BN kept scores >= L: a lower bound of the row's k-th largest, as they are distinct
+   scores. A score above L is missed only if its group holds more than KEEP of the row's top k; with 64 groups,
+   KEEP = 4 and k = 64 that is ~0.3 scores per random row (128 groups and KEEP = 3: ~0.25, but 384 kept scores
+   per row make each bisection step slower than 256 do; NOTES.md, session 10).
 R. Count c = #{s > lo} (lo = the float just below L) and keep the 3 smallest scores > lo of every group. With
    e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo), exact up to
    the smallest 3rd entry of a full list (the scores no list holds lie above it). e = 0 -> t between lo and u_1;
@@ -41,16 +42,17 @@ import triton.language as tl
 from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 
 # BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN keys per
-# selection tile (= the number of groups; 3 * BN >= k, or the bound is -inf and R counts all), BN_fwd / BN_dq keys
-# per forward / dq tile; the dk/dv kernel: BN_kv keys per program, BM_kv query rows per step of its sweep over the
-# query tiles that see them (a score's bits do not depend on the tile shape, see the module docstring).
+# selection tile (= the number of groups; keep * BN >= k, or the bound is -inf and R counts all; keep: scores per
+# group in sweep A, 3 or 4), BN_fwd / BN_dq keys per forward / dq tile; the dk/dv kernel: BN_kv keys per program,
+# BM_kv query rows per step of its sweep over the query tiles that see them (a score's bits do not depend on the
+# tile shape, see the module docstring).
 # SEL_BITS: at most that many bisection steps for L (fewer: a lower L, more for R to remove); a row's bisection
 # stops at <= k + slack kept scores >= L; R pops at most `pops` scores per sweep. atomic_dq: the dk/dv kernel adds
 # dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). Tuned on an H200
 # (NOTES.md).
-CONFIG = {"BM_sel": 64, "sel_warps": 8, "BM": 128, "BN": 128, "warps": 4, "stages": 2, "bwd_warps": 8,
+CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 4, "stages": 2, "bwd_warps": 8,
           "bwd_stages": 2, "BN_fwd": 128, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
-          "pops": 6, "atomic_dq": False}
+          "pops": 6, "keep": 4, "atomic_dq": False}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 LOG2E = 1.4426950408889634
@@ -85,12 +87,33 @@ def _order(a, x, LARGEST: tl.constexpr):
 
 
 @triton.jit
-def _keep3(a1, a2, a3, x, LARGEST: tl.constexpr):
-    """Elementwise insertion of x into the sorted lists a1, a2, a3: the 3 largest (LARGEST) or smallest so far."""
+def _keep(a1, a2, a3, a4, x, LARGEST: tl.constexpr, N: tl.constexpr):
+    """Elementwise insertion of x into the sorted lists a1 .. aN (N = 3 or 4; a4 is passed through when N = 3):
+    the N largest (LARGEST) or smallest so far."""
     a1, x = _order(a1, x, LARGEST)
     a2, x = _order(a2, x, LARGEST)
-    a3, _ = _order(a3, x, LARGEST)
-    return a1, a2, a3
+    if N == 4:
+        a3, x = _order(a3, x, LARGEST)
+        a4, _ = _order(a4, x, LARGEST)
+    else:
+        a3, _ = _order(a3, x, LARGEST)
+    return a1, a2, a3, a4
+
+
+@triton.jit
+def _bisect_step(k1, k2, k3, k4, a, z, c, act, KK, SLACK: tl.constexpr, KEEP: tl.constexpr):
+    """One bisection step at c: count the kept keys >= c; the rows that stop (KK .. KK + SLACK of them, or a
+    bracket of one key) leave act."""
+    c32 = c.to(tl.int32)[:, None]
+    n = (k1 >= c32).to(tl.int32) + (k2 >= c32).to(tl.int32) + (k3 >= c32).to(tl.int32)
+    if KEEP == 4:
+        n += (k4 >= c32).to(tl.int32)
+    n = tl.sum(n, 1)
+    up = n >= KK
+    a = tl.where(act & up, c, a)
+    z = tl.where(act & ~up, c, z)
+    act = act & ~(up & (n <= KK + SLACK)) & (z - a > 1)
+    return a, z, (a + z) >> 1, act  # a < c < z while z - a >= 2
 
 
 @triton.jit
@@ -116,7 +139,7 @@ def _count_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, lo,
         s = _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         up = s > lo[:, None]
         cnt += up.to(tl.int32)
-        b1, b2, b3 = _keep3(b1, b2, b3, tl.where(up, s, POS), False)
+        b1, b2, b3, _ = _keep(b1, b2, b3, b3, tl.where(up, s, POS), False, 3)
     return tl.sum(cnt, 1), b1, b2, b3
 
 
@@ -156,7 +179,8 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
                    sqb, sqh, sqt, skb, skh, skt, smb,
                    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SEL_BITS: tl.constexpr,
-                   SLACK: tl.constexpr, POPS: tl.constexpr, WITH_STATS: tl.constexpr, STOP: tl.constexpr):
+                   SLACK: tl.constexpr, POPS: tl.constexpr, KEEP: tl.constexpr, WITH_STATS: tl.constexpr,
+                   STOP: tl.constexpr):
     """One tile of BM query rows: sweeps A, R (T). Stores the raw row max (MX) and the threshold (TT, TJ) per row;
     WITH_STATS: also the tile's bisection steps, R sweeps and T sweeps (STATS, 3 int32 per tile).
     STOP != 0 only for the timing breakdown and checks (bench/check_topk_gpu.py): stop after A (1), the bisection
@@ -165,13 +189,14 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
     rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
                                                 BM, DP, CAUSAL, UPCAST)
 
-    # A. the 3 largest scores of every group
+    # A. the KEEP largest scores of every group
     g1 = tl.full([BM, BN], NEG, tl.float32)
     g2 = tl.full([BM, BN], NEG, tl.float32)
     g3 = tl.full([BM, BN], NEG, tl.float32)
+    g4 = tl.full([BM, BN], NEG, tl.float32)
     for n0 in range(0, n_end, BN):
         s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
-        g1, g2, g3 = _keep3(g1, g2, g3, s, True)
+        g1, g2, g3, g4 = _keep(g1, g2, g3, g4, s, True, KEEP)
     r = bh.to(tl.int64) * T + rows
     mx = tl.max(g1, 1)
     tl.store(MX + r, mx, mask=rmask)
@@ -186,11 +211,15 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
     n1 = tl.sum(f1.to(tl.int32), 1)
     nk = n1 + tl.sum((g2 > NEG).to(tl.int32), 1) + tl.sum((g3 > NEG).to(tl.int32), 1)
     least = tl.where(g3 > NEG, g3, tl.where(g2 > NEG, g2, tl.where(f1, g1, POS)))  # smallest kept, per group
+    if KEEP == 4:
+        nk += tl.sum((g4 > NEG).to(tl.int32), 1)
+        least = tl.where(g4 > NEG, g4, least)
     a0 = tl.where(n1 >= KK, tl.min(tl.where(f1, g1, POS), 1), tl.min(least, 1))
     bound = rmask & (nk >= KK)  # else no bound: R counts every visible score
     k1 = _key(g1)
     k2 = _key(g2)
     k3 = _key(g3)
+    k4 = _key(g4)
     a = _key(tl.where(bound, a0, 0.0)).to(tl.int64)
     z = _key(tl.where(bound, mx, 0.0)).to(tl.int64) + 1
     c = a
@@ -198,13 +227,7 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
     steps = 0
     go = tl.max(act.to(tl.int32), 0) > 0
     while go:  # the first step counts at a itself: it may already be the answer (short rows, all kept)
-        c32 = c.to(tl.int32)[:, None]
-        n = tl.sum((k1 >= c32).to(tl.int32) + (k2 >= c32).to(tl.int32) + (k3 >= c32).to(tl.int32), 1)
-        up = n >= KK
-        a = tl.where(act & up, c, a)
-        z = tl.where(act & ~up, c, z)
-        act = act & ~(up & (n <= KK + SLACK)) & (z - a > 1)
-        c = (a + z) >> 1  # a < c < z while z - a >= 2
+        a, z, c, act = _bisect_step(k1, k2, k3, k4, a, z, c, act, KK, SLACK, KEEP)
         steps += 1
         go = (steps < SEL_BITS) & (tl.max(act.to(tl.int32), 0) > 0)
     lo = tl.where(bound, _unkey((a - 1).to(tl.int32)), NEG)  # s > lo <=> s >= L
@@ -448,7 +471,8 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None):
     _select_kernel[(NS, B * H)](
         q, k, kpm, mx, tt, tj, tj if stats is None else stats, T, S, H, DK, S - T, topk, NS, *q.stride()[:3],
         *k.stride()[:3], kpm.stride(0), BM=BMS, BN=CONFIG["BN"], SEL_BITS=CONFIG["SEL_BITS"], SLACK=CONFIG["slack"],
-        POPS=CONFIG["pops"], WITH_STATS=stats is not None, STOP=stop, num_warps=CONFIG["sel_warps"], **meta)
+        POPS=CONFIG["pops"], KEEP=CONFIG["keep"], WITH_STATS=stats is not None, STOP=stop,
+        num_warps=CONFIG["sel_warps"], **meta)
     if stop:
         return out, lse, tt, tj
     NM = triton.cdiv(T, BM)
