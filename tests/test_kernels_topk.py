@@ -182,16 +182,16 @@ def sweeps(q, k, v, topk, causal):
 
 
 def test_threshold_count_sweeps_repeat(monkeypatch):
-    """4 groups keeping 3 scores each (12 per row; also the path of CONFIG["keep"] = 3) for k = 10 of 129 keys:
+    """4 groups keeping 3 scores each (12 per row; also the path of CONFIG["keep_A"] = 3) for k = 10 of 129 keys:
     sweep A's bound is loose, rows have many extra scores above it and their groups' lists run out, so R repeats
     (raising its bound each time) before the masked forward."""
-    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "BN": 4, "keep": 3})
+    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "BN": 4, "keep_A": 3})
     q, k, v, kpm = inputs(2, 1, 40, 129, seed=5, pad=False)
     n3 = sweeps(q, k, v, 10, False)
     assert (n3 >= 3).all()  # the path under test is really taken
-    monkeypatch.setitem(threshold.CONFIG, "keep", 4)  # 16 kept scores per row: a tighter bound, fewer sweeps
+    monkeypatch.setitem(threshold.CONFIG, "keep_A", 4)  # 16 kept scores per row: a tighter bound, fewer sweeps
     assert sweeps(q, k, v, 10, False).sum() < n3.sum()
-    monkeypatch.setitem(threshold.CONFIG, "keep", 3)
+    monkeypatch.setitem(threshold.CONFIG, "keep_A", 3)
     check(q, k, v, 10, False)
     check(q, k, v, 10, True, seed=2)
 

@@ -52,7 +52,7 @@ from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 # (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 4, "stages": 2, "bwd_warps": 8,
           "bwd_stages": 2, "BN_fwd": 128, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
-          "pops": 6, "keep": 4, "atomic_dq": False}
+          "pops": 6, "keep_A": 4, "keep_R": 3, "atomic_dq": False}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 LOG2E = 1.4426950408889634
@@ -117,30 +117,34 @@ def _bisect_step(k1, k2, k3, k4, a, z, c, act, KK, SLACK: tl.constexpr, KEEP: tl
 
 
 @triton.jit
-def _pop_min(b1, b2, b3, cols):
-    """Smallest entry u of the per-group sorted lists (b1 <= b2 <= b3), and the lists with u removed."""
+def _pop_min(b1, b2, b3, b4, cols, N: tl.constexpr):
+    """Smallest entry u of the per-group sorted lists (b1 <= b2 <= .. <= bN, N = 3 or 4), and the lists with u
+    removed."""
     u = tl.min(b1, 1)
     at = tl.min(tl.where(b1 == u[:, None], cols[None, :], 1 << 30), 1)
     hit = cols[None, :] == at[:, None]
-    return u, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, POS, b3)
+    if N == 4:
+        return u, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, b4, b3), tl.where(hit, POS, b4)
+    return u, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, POS, b3), b4
 
 
 @triton.jit
 def _count_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, lo,
                 BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Sweep R: #{s > lo} of every row and the 3 smallest {s > lo} of every group (POS where fewer). The count is
-    kept per group and summed once at the end: no row reduction per key tile."""
+                PREC: tl.constexpr, UPCAST: tl.constexpr, KEEP: tl.constexpr):
+    """Sweep R: #{s > lo} of every row and the KEEP (3 or 4) smallest {s > lo} of every group (POS where fewer; b4
+    only when KEEP = 4). The count is kept per group and summed once at the end: no row reduction per key tile."""
     cnt = tl.zeros([BM, BN], dtype=tl.int32)
     b1 = tl.full([BM, BN], POS, tl.float32)
     b2 = tl.full([BM, BN], POS, tl.float32)
     b3 = tl.full([BM, BN], POS, tl.float32)
+    b4 = tl.full([BM, BN], POS, tl.float32)
     for n0 in range(0, n_end, BN):
         s = _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         up = s > lo[:, None]
         cnt += up.to(tl.int32)
-        b1, b2, b3, _ = _keep(b1, b2, b3, b3, tl.where(up, s, POS), False, 3)
-    return tl.sum(cnt, 1), b1, b2, b3
+        b1, b2, b3, b4 = _keep(b1, b2, b3, b4, tl.where(up, s, POS), False, KEEP)
+    return tl.sum(cnt, 1), b1, b2, b3, b4
 
 
 @triton.jit
@@ -179,8 +183,8 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
                    sqb, sqh, sqt, skb, skh, skt, smb,
                    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SEL_BITS: tl.constexpr,
-                   SLACK: tl.constexpr, POPS: tl.constexpr, KEEP: tl.constexpr, WITH_STATS: tl.constexpr,
-                   STOP: tl.constexpr):
+                   SLACK: tl.constexpr, POPS: tl.constexpr, KEEP_A: tl.constexpr, KEEP_R: tl.constexpr,
+                   WITH_STATS: tl.constexpr, STOP: tl.constexpr):
     """One tile of BM query rows: sweeps A, R (T). Stores the raw row max (MX) and the threshold (TT, TJ) per row;
     WITH_STATS: also the tile's bisection steps, R sweeps and T sweeps (STATS, 3 int32 per tile).
     STOP != 0 only for the timing breakdown and checks (bench/check_topk_gpu.py): stop after A (1), the bisection
@@ -189,14 +193,14 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
     rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
                                                 BM, DP, CAUSAL, UPCAST)
 
-    # A. the KEEP largest scores of every group
+    # A. the KEEP_A largest scores of every group
     g1 = tl.full([BM, BN], NEG, tl.float32)
     g2 = tl.full([BM, BN], NEG, tl.float32)
     g3 = tl.full([BM, BN], NEG, tl.float32)
     g4 = tl.full([BM, BN], NEG, tl.float32)
     for n0 in range(0, n_end, BN):
         s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
-        g1, g2, g3, g4 = _keep(g1, g2, g3, g4, s, True, KEEP)
+        g1, g2, g3, g4 = _keep(g1, g2, g3, g4, s, True, KEEP_A)
     r = bh.to(tl.int64) * T + rows
     mx = tl.max(g1, 1)
     tl.store(MX + r, mx, mask=rmask)
@@ -211,7 +215,7 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
     n1 = tl.sum(f1.to(tl.int32), 1)
     nk = n1 + tl.sum((g2 > NEG).to(tl.int32), 1) + tl.sum((g3 > NEG).to(tl.int32), 1)
     least = tl.where(g3 > NEG, g3, tl.where(g2 > NEG, g2, tl.where(f1, g1, POS)))  # smallest kept, per group
-    if KEEP == 4:
+    if KEEP_A == 4:
         nk += tl.sum((g4 > NEG).to(tl.int32), 1)
         least = tl.where(g4 > NEG, g4, least)
     a0 = tl.where(n1 >= KK, tl.min(tl.where(f1, g1, POS), 1), tl.min(least, 1))
@@ -227,7 +231,7 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
     steps = 0
     go = tl.max(act.to(tl.int32), 0) > 0
     while go:  # the first step counts at a itself: it may already be the answer (short rows, all kept)
-        a, z, c, act = _bisect_step(k1, k2, k3, k4, a, z, c, act, KK, SLACK, KEEP)
+        a, z, c, act = _bisect_step(k1, k2, k3, k4, a, z, c, act, KK, SLACK, KEEP_A)
         steps += 1
         go = (steps < SEL_BITS) & (tl.max(act.to(tl.int32), 0) > 0)
     lo = tl.where(bound, _unkey((a - 1).to(tl.int32)), NEG)  # s > lo <=> s >= L
@@ -241,15 +245,15 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
     cols = tl.arange(0, BN)
     sweeps = 0
     while tl.max(tl.where(state == 0, 1, 0), 0) > 0:
-        cnt, b1, b2, b3 = _count_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, lo,
-                                      BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+        cnt, b1, b2, b3, b4 = _count_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, lo,
+                                          BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST, KEEP_R)
         sweeps += 1
         act = state == 0
         e = cnt - KK
         # pop u_1 .. u_(e+1) (at most POPS): ue = u_e (lo for e = 0), ue1 = u_(e+1) and whether it is exact;
         # lift = the last exact u_j with j <= e, where lo goes when e is out of reach. A popped u is the true
         # j-th smallest score > lo when u <= full: the scores no list holds are >= the 3rd of a full list.
-        full = tl.min(tl.where(b3 < POS, b3, POS), 1)
+        full = tl.min(b4 if KEEP_R == 4 else b3, 1)  # POS where no list is full
         ue = lo
         ue1 = tl.full([BM], POS, tl.float32)
         exact1 = rmask & False
@@ -257,7 +261,7 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
         npop = tl.max(tl.where(act & (e >= 0), tl.minimum(e + 1, POPS), 0), 0)
         j = 1
         while j <= npop:
-            u, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
+            u, b1, b2, b3, b4 = _pop_min(b1, b2, b3, b4, cols, KEEP_R)
             ue = tl.where(e == j, u, ue)
             ue1 = tl.where(e + 1 == j, u, ue1)
             exact1 = tl.where(e + 1 == j, u <= full, exact1)
@@ -471,7 +475,8 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None):
     _select_kernel[(NS, B * H)](
         q, k, kpm, mx, tt, tj, tj if stats is None else stats, T, S, H, DK, S - T, topk, NS, *q.stride()[:3],
         *k.stride()[:3], kpm.stride(0), BM=BMS, BN=CONFIG["BN"], SEL_BITS=CONFIG["SEL_BITS"], SLACK=CONFIG["slack"],
-        POPS=CONFIG["pops"], KEEP=CONFIG["keep"], WITH_STATS=stats is not None, STOP=stop,
+        POPS=CONFIG["pops"], KEEP_A=CONFIG["keep_A"], KEEP_R=CONFIG["keep_R"],
+        WITH_STATS=stats is not None, STOP=stop,
         num_warps=CONFIG["sel_warps"], **meta)
     if stop:
         return out, lse, tt, tj
