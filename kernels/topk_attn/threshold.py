@@ -8,17 +8,17 @@ CONFIG["atomic_dq"]).
 
 Finding t, per tile of BM query rows, in sweeps over the key tiles (s = raw dot q . k; scale > 0 keeps the order):
 
-A. Per group (key j is in group j mod BN) the KEEP (CONFIG["keep"], 4) largest scores and the row max. A bisection
-   on the kept scores' order-preserving int32 bits, inside [the smallest group max, the row max], finds L with
-   k .. k + slack of the KEEP*BN kept scores >= L: a lower bound of the row's k-th largest, as they are distinct
-   scores. A score above L is missed only if its group holds more than KEEP of the row's top k; with 64 groups,
-   KEEP = 4 and k = 64 that is ~0.3 scores per random row (128 groups and KEEP = 3: ~0.25, but 384 kept scores
-   per row make each bisection step slower than 256 do; NOTES.md, session 10).
-R. Count c = #{s > lo} (lo = the float just below L) and keep the 3 smallest scores > lo of every group. With
-   e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo), exact up to
-   the smallest 3rd entry of a full list (the scores no list holds lie above it). e = 0 -> t between lo and u_1;
-   1 <= e < pops and u_(e+1) exact -> t between u_e and u_(e+1); otherwise lo rises to the last exact u_j
-   (j <= e) and R repeats (rare: ~1% of the 64-row tiles of random inputs at the defaults, on an H200).
+A. Per group (key j is in group j mod BN) the keep_A (CONFIG, 4) largest scores and the row max. A bisection on
+   the kept scores' order-preserving int32 bits, inside [the smallest group max, the row max], finds L with
+   k .. k + slack of the keep_A * BN kept scores >= L: a lower bound of the row's k-th largest, as they are
+   distinct scores. A score above L is missed only if its group holds more than keep_A of the row's top k; with
+   64 groups, keep_A = 4 and k = 64 that is ~0.3 scores per random row (128 groups and keep_A = 3: ~0.25, but 384
+   kept scores per row make each bisection step slower than 256 do; NOTES.md, session 10).
+R. Count c = #{s > lo} (lo = the float just below L) and keep the keep_R (3) smallest scores > lo of every group.
+   With e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo), exact up
+   to the smallest last entry of a full list (the scores no list holds lie above it). e = 0 -> t between lo and
+   u_1; 1 <= e < pops and u_(e+1) exact -> t between u_e and u_(e+1); otherwise lo rises to the last exact u_j
+   (j <= e) and R repeats (3-6% of the 64-row tiles of random inputs at the defaults, T = 4096 ... 16384).
    t lies strictly inside the gap (halfway between u_e and u_(e+1), or between lo and u_1), and the kernels that
    compare scores with it recompute them with the same bits (see below).
 T. Only when the boundary is a tie (two keys with the k-th score): t = that score and tj is found by bisection on
@@ -42,10 +42,10 @@ import triton.language as tl
 from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 
 # BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN keys per
-# selection tile (= the number of groups; keep * BN >= k, or the bound is -inf and R counts all; keep: scores per
-# group in sweep A, 3 or 4), BN_fwd / BN_dq keys per forward / dq tile; the dk/dv kernel: BN_kv keys per program,
-# BM_kv query rows per step of its sweep over the query tiles that see them (a score's bits do not depend on the
-# tile shape, see the module docstring).
+# selection tile (= the number of groups; keep_A * BN >= k, or the bound is -inf and R counts all; keep_A / keep_R:
+# the scores each group keeps in sweep A / R, 3 or 4), BN_fwd / BN_dq keys per forward / dq tile; the dk/dv
+# kernel: BN_kv keys per program, BM_kv query rows per step of its sweep over the query tiles that see them (a
+# score's bits do not depend on the tile shape, see the module docstring).
 # SEL_BITS: at most that many bisection steps for L (fewer: a lower L, more for R to remove); a row's bisection
 # stops at <= k + slack kept scores >= L; R pops at most `pops` scores per sweep. atomic_dq: the dk/dv kernel adds
 # dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). Tuned on an H200
@@ -252,7 +252,7 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
         e = cnt - KK
         # pop u_1 .. u_(e+1) (at most POPS): ue = u_e (lo for e = 0), ue1 = u_(e+1) and whether it is exact;
         # lift = the last exact u_j with j <= e, where lo goes when e is out of reach. A popped u is the true
-        # j-th smallest score > lo when u <= full: the scores no list holds are >= the 3rd of a full list.
+        # j-th smallest score > lo when u <= full: the scores no list holds are >= the last of a full list.
         full = tl.min(b4 if KEEP_R == 4 else b3, 1)  # POS where no list is full
         ue = lo
         ue1 = tl.full([BM], POS, tl.float32)
