@@ -303,3 +303,14 @@ def test_threshold_top_k_in_one_group():
     k[:, :, ::8] += 3 * u  # group 0 of 8: 17 keys, all above every other score of a row
     assert (sweeps(q, k, v, 10, False) >= 2).all()  # group 0's list runs out: R sweeps again
     check(q, k, v, 10, False)
+
+
+def test_small_shared_memory_takes_the_sparse_kernels(monkeypatch):
+    """A GPU with less shared memory per block than the threshold kernels ask for (THRESHOLD_SMEM; their tiles are
+    not fitted) gets the sparse kernels, whose tiles are; the result is the same function."""
+    monkeypatch.setattr(function, "smem_limit", lambda device: function.THRESHOLD_SMEM - 1)
+    launches = record_launches(monkeypatch)
+    q, k, v, _ = inputs(1, 1, 21, 21, seed=18)
+    check(q, k, v, 4, True)
+    names = {s[1] for s in launches}
+    assert "_select_kernel" not in names and "_bwd_kernel" in names, names

@@ -6,7 +6,7 @@
   O(T * k); the backward gathers the k keys and scatters into dK, dV with float32 atomics.
 
 Which one runs (measured on an H200, kernels/topk_attn/NOTES.md, sessions 9 and 10): the threshold kernels up to
-THRESHOLD_MAX_T query rows (fwd+bwd at B8 H16 d64 k64: 6.7 ms against 17.6 for the sparse ones at T = 4096, 92
+THRESHOLD_MAX_T query rows (fwd+bwd at B8 H16 d64 k64: 6.4 ms against 17.6 for the sparse ones at T = 4096, 88
 against 98 at 16384, but 381 against 269 at 32768, where the sparse backward's O(T k) gathers beat the dense
 masked one) and head dims up to THRESHOLD_MAX_D (the widths checked on the GPU; wider heads take the sparse
 kernels, whose tiles are fitted to the device's shared memory).
@@ -16,17 +16,23 @@ from __future__ import annotations
 import torch
 
 from .. import eager_or_compiled
+from ..fit import smem_limit
 from .chunk import MAX_TOPK, topk_bwd, topk_fwd
 from .threshold import threshold_bwd, threshold_fwd
 from .reference import check_args
 
 THRESHOLD_MAX_T = 16384
 THRESHOLD_MAX_D = 64
+# Shared memory the threshold kernels ask for at d = 64 with the default CONFIG: the dk/dv kernel's 86016 bytes (3
+# stages), compiled for sm_90a by Triton 3.9 (the others: dq 65536, forward 32768, selection 16384). Their tiles are
+# not fitted to the device (kernels/fit.py fits the sparse ones), so a GPU with less takes the sparse kernels.
+THRESHOLD_SMEM = 86016
 
 
-def takes_threshold(T: int, d: int, dv: int) -> bool:
-    """Whether a call with T query rows and head dims d, dv runs the threshold kernels (threshold.py)."""
-    return T <= THRESHOLD_MAX_T and max(d, dv) <= THRESHOLD_MAX_D
+def takes_threshold(T: int, d: int, dv: int, device=None) -> bool:
+    """Whether a call with T query rows and head dims d, dv on ``device`` runs the threshold kernels
+    (threshold.py)."""
+    return T <= THRESHOLD_MAX_T and max(d, dv) <= THRESHOLD_MAX_D and smem_limit(device) >= THRESHOLD_SMEM
 
 
 def _topk_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
@@ -154,6 +160,6 @@ def topk_attention_triton(q, k, v, topk: int, causal: bool, key_padding_mask=Non
     if q.shape[2] == 0 or S == 0:  # nothing to attend: zeros, still connected to the graph
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if takes_threshold(q.shape[2], q.shape[-1], v.shape[-1]):
+    if takes_threshold(q.shape[2], q.shape[-1], v.shape[-1], q.device):
         return _topk_threshold(q, k, v, key_padding_mask, kk, causal, scale)[0]
     return _topk_attn(q, k, v, key_padding_mask, kk, causal, scale)[0]

@@ -14,9 +14,9 @@ A. Per group (key j is in group j mod BN) the keep_A (CONFIG, 4) largest scores 
    distinct scores. A score above L is missed only if its group holds more than keep_A of the row's top k; with
    64 groups, keep_A = 4 and k = 64 that is ~0.3 scores per random row (128 groups and keep_A = 3: ~0.25, but 384
    kept scores per row make each bisection step slower than 256 do; NOTES.md, session 10).
-R. Count c = #{s > lo} (lo = the float just below L) and keep the keep_R (3) smallest scores > lo of every group.
-   With e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo), exact up
-   to the smallest last entry of a full list (the scores no list holds lie above it). e = 0 -> t between lo and
+R. Count c = #{s > lo} (lo = the float just below L) and keep the 3 smallest scores > lo of every group. With
+   e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo), exact up to
+   the smallest 3rd entry of a full list (the scores no list holds lie above it). e = 0 -> t between lo and
    u_1; 1 <= e < pops and u_(e+1) exact -> t between u_e and u_(e+1); otherwise lo rises to the last exact u_j
    (j <= e) and R repeats (3-6% of the 64-row tiles of random inputs at the defaults, T = 4096 ... 16384).
    t lies strictly inside the gap (halfway between u_e and u_(e+1), or between lo and u_1), and the kernels that
@@ -42,8 +42,8 @@ import triton.language as tl
 from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 
 # BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN keys per
-# selection tile (= the number of groups; keep_A * BN >= k, or the bound is -inf and R counts all; keep_A / keep_R:
-# the scores each group keeps in sweep A / R, 3 or 4), BN_fwd / BN_dq keys per forward / dq tile; the dk/dv
+# selection tile (= the number of groups; keep_A * BN >= k, or the bound is -inf and R counts all; keep_A: the
+# scores each group keeps in sweep A, 3 or 4), BN_fwd / BN_dq keys per forward / dq tile; the dk/dv
 # kernel: BN_kv keys per program, BM_kv query rows per step of its sweep over the query tiles that see them (a
 # score's bits do not depend on the tile shape, see the module docstring).
 # SEL_BITS: at most that many bisection steps for L (fewer: a lower L, more for R to remove); a row's bisection
@@ -51,8 +51,8 @@ from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 # dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). Tuned on an H200
 # (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 4, "stages": 2, "bwd_warps": 8,
-          "bwd_stages": 2, "BN_fwd": 128, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
-          "pops": 6, "keep_A": 4, "keep_R": 3, "atomic_dq": False}
+          "bwd_stages": 3, "BN_fwd": 128, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
+          "pops": 8, "keep_A": 4, "atomic_dq": False}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 LOG2E = 1.4426950408889634
@@ -117,34 +117,30 @@ def _bisect_step(k1, k2, k3, k4, a, z, c, act, KK, SLACK: tl.constexpr, KEEP: tl
 
 
 @triton.jit
-def _pop_min(b1, b2, b3, b4, cols, N: tl.constexpr):
-    """Smallest entry u of the per-group sorted lists (b1 <= b2 <= .. <= bN, N = 3 or 4), and the lists with u
-    removed."""
+def _pop_min(b1, b2, b3, cols):
+    """Smallest entry u of the per-group sorted lists (b1 <= b2 <= b3), and the lists with u removed."""
     u = tl.min(b1, 1)
     at = tl.min(tl.where(b1 == u[:, None], cols[None, :], 1 << 30), 1)
     hit = cols[None, :] == at[:, None]
-    if N == 4:
-        return u, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, b4, b3), tl.where(hit, POS, b4)
-    return u, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, POS, b3), b4
+    return u, tl.where(hit, b2, b1), tl.where(hit, b3, b2), tl.where(hit, POS, b3)
 
 
 @triton.jit
 def _count_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, lo,
                 BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr, KEEP: tl.constexpr):
-    """Sweep R: #{s > lo} of every row and the KEEP (3 or 4) smallest {s > lo} of every group (POS where fewer; b4
-    only when KEEP = 4). The count is kept per group and summed once at the end: no row reduction per key tile."""
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Sweep R: #{s > lo} of every row and the 3 smallest {s > lo} of every group (POS where fewer). The count is
+    kept per group and summed once at the end: no row reduction per key tile."""
     cnt = tl.zeros([BM, BN], dtype=tl.int32)
     b1 = tl.full([BM, BN], POS, tl.float32)
     b2 = tl.full([BM, BN], POS, tl.float32)
     b3 = tl.full([BM, BN], POS, tl.float32)
-    b4 = tl.full([BM, BN], POS, tl.float32)
     for n0 in range(0, n_end, BN):
         s = _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         up = s > lo[:, None]
         cnt += up.to(tl.int32)
-        b1, b2, b3, b4 = _keep(b1, b2, b3, b4, tl.where(up, s, POS), False, KEEP)
-    return tl.sum(cnt, 1), b1, b2, b3, b4
+        b1, b2, b3, _ = _keep(b1, b2, b3, b3, tl.where(up, s, POS), False, 3)
+    return tl.sum(cnt, 1), b1, b2, b3
 
 
 @triton.jit
@@ -183,8 +179,8 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
                    sqb, sqh, sqt, skb, skh, skt, smb,
                    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SEL_BITS: tl.constexpr,
-                   SLACK: tl.constexpr, POPS: tl.constexpr, KEEP_A: tl.constexpr, KEEP_R: tl.constexpr,
-                   WITH_STATS: tl.constexpr, STOP: tl.constexpr):
+                   SLACK: tl.constexpr, POPS: tl.constexpr, KEEP_A: tl.constexpr, WITH_STATS: tl.constexpr,
+                   STOP: tl.constexpr):
     """One tile of BM query rows: sweeps A, R (T). Stores the raw row max (MX) and the threshold (TT, TJ) per row;
     WITH_STATS: also the tile's bisection steps, R sweeps and T sweeps (STATS, 3 int32 per tile).
     STOP != 0 only for the timing breakdown and checks (bench/check_topk_gpu.py): stop after A (1), the bisection
@@ -245,15 +241,15 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
     cols = tl.arange(0, BN)
     sweeps = 0
     while tl.max(tl.where(state == 0, 1, 0), 0) > 0:
-        cnt, b1, b2, b3, b4 = _count_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, lo,
-                                          BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST, KEEP_R)
+        cnt, b1, b2, b3 = _count_pass(q, Kb, KPMb, rows, m0, n_end, off, S, DK, skt, lo,
+                                      BM, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         sweeps += 1
         act = state == 0
         e = cnt - KK
         # pop u_1 .. u_(e+1) (at most POPS): ue = u_e (lo for e = 0), ue1 = u_(e+1) and whether it is exact;
         # lift = the last exact u_j with j <= e, where lo goes when e is out of reach. A popped u is the true
-        # j-th smallest score > lo when u <= full: the scores no list holds are >= the last of a full list.
-        full = tl.min(b4 if KEEP_R == 4 else b3, 1)  # POS where no list is full
+        # j-th smallest score > lo when u <= full: the scores no list holds are >= the 3rd of a full list.
+        full = tl.min(b3, 1)  # POS where no list is full
         ue = lo
         ue1 = tl.full([BM], POS, tl.float32)
         exact1 = rmask & False
@@ -261,7 +257,7 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
         npop = tl.max(tl.where(act & (e >= 0), tl.minimum(e + 1, POPS), 0), 0)
         j = 1
         while j <= npop:
-            u, b1, b2, b3, b4 = _pop_min(b1, b2, b3, b4, cols, KEEP_R)
+            u, b1, b2, b3 = _pop_min(b1, b2, b3, cols)
             ue = tl.where(e == j, u, ue)
             ue1 = tl.where(e + 1 == j, u, ue1)
             exact1 = tl.where(e + 1 == j, u <= full, exact1)
@@ -475,8 +471,8 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None):
     _select_kernel[(NS, B * H)](
         q, k, kpm, mx, tt, tj, tj if stats is None else stats, T, S, H, DK, S - T, topk, NS, *q.stride()[:3],
         *k.stride()[:3], kpm.stride(0), BM=BMS, BN=CONFIG["BN"], SEL_BITS=CONFIG["SEL_BITS"], SLACK=CONFIG["slack"],
-        POPS=CONFIG["pops"], KEEP_A=CONFIG["keep_A"], KEEP_R=CONFIG["keep_R"],
-        WITH_STATS=stats is not None, STOP=stop,
+        POPS=CONFIG["pops"], KEEP_A=CONFIG["keep_A"], WITH_STATS=stats is not None,
+        STOP=stop,
         num_warps=CONFIG["sel_warps"], **meta)
     if stop:
         return out, lse, tt, tj
