@@ -70,7 +70,7 @@ def plan():
         checks = (res or {}).get("correct", []) + (res or {}).get("full", [])
         return bool(checks) and all(c["passed"] for c in checks) and bool((res or {}).get("timing"))
 
-    child("T", ["--skip", "extra"], 120, {})  # the threshold kernels (the default path up to T = 8192)
+    child("T", ["--skip", "extra"], 120, {})  # the threshold kernels (the default path up to T = 16384)
     base = {}
     sp = ["--path", "sparse"]  # the rest: the sparse kernels
     res = child("A", [*sp, "--skip", "extra"], 120, base)
