@@ -28,39 +28,56 @@ def run_id(programs):
 
 
 _COMPILE = """
-import importlib, json, sys
+import importlib, json, os, subprocess, sys, tempfile
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-for module, name, consts, types, warps in json.loads(sys.argv[1]):
+specs, report = json.loads(sys.argv[1]), sys.argv[2] == "1"
+for module, name, consts, types, warps, stages in specs:
     fn = getattr(importlib.import_module(module), name)
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     try:
-        compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=2))
+        c = compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     except FileNotFoundError as e:  # no ptxas: nothing to say about the kernels
         print("NO-TOOLCHAIN", e)
         sys.exit(0)
     except Exception as e:
         print(f"FAILED {module}.{name} {consts} (num_warps={warps}): {type(e).__name__}: {e}")
         sys.exit(1)
+    if report:  # registers and spills as ptxas reports them (the sm_90a assembler shipped with Triton)
+        bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(c.asm["ptx"])
+        for tool in ("ptxas-blackwell", "ptxas"):
+            r = subprocess.run([os.path.join(bin_dir, tool), "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+        info = " ; ".join(ln.split("info    : ")[-1].strip() for ln in r.stderr.splitlines()
+                          if "registers" in ln or "spill" in ln)
+        print(f"REPORT {name} warps={warps} stages={stages} smem={c.metadata.shared} | {info}")
 """
 
 
-def compile_for_sm90(specs):
+def compile_for_sm90(specs, report=False):
     """Compile Triton kernels for an H100/H200 (sm_90) in one fresh process without the interpreter
     (TRITON_INTERPRET=0: real JIT functions; no GPU needed). specs: [(module, kernel name, constexprs, {arg: type},
-    num_warps)], types as Triton signatures ("*bf16", "fp32"; default "i32"), e.g. from record_launches. Returns the
-    child's output if the toolchain is missing (the caller skips), None when everything compiled; a compilation
-    error raises with its message."""
+    num_warps, num_stages)], types as Triton signatures ("*bf16", "fp32"; default "i32"), e.g. from record_launches.
+    Returns the child's output if the toolchain is missing (the caller skips), None when everything compiled; a
+    compilation error raises with its message. report: return instead one line per kernel with its shared memory
+    and ptxas's registers and spills (bench/kernel_regs.py)."""
     import json
     import os
     import subprocess
     import sys
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(specs)], env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(specs), "1" if report else "0"], env=env,
+                       capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         raise AssertionError(f"sm_90 compilation failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    if report:
+        return r.stdout
     return r.stdout if "NO-TOOLCHAIN" in r.stdout else None
 
 
@@ -93,9 +110,18 @@ def record_launches(monkeypatch):
                 types[p.name] = "fp32"
             elif isinstance(v, int) and not -2 ** 31 <= v < 2 ** 31:
                 types[p.name] = "i64"
-        spec = [fn.__module__, fn.__name__, consts, types, kwargs.get("num_warps", 4)]
+        spec = [fn.__module__, fn.__name__, consts, types, kwargs.get("num_warps", 4), kwargs.get("num_stages", 2)]
         if spec not in seen:
             seen.append(spec)
         return real(self, *args, grid=grid, warmup=warmup, **kwargs)
     monkeypatch.setattr(InterpretedFunction, "run", run)
     return seen
+
+
+def as_on_gpu(launches):
+    """The launches as a GPU makes them from the same bf16 call: the top-k kernels' tensor-core dots on bf16 tiles
+    (UPCAST off; the interpreter upcasts to float32 with exact 'ieee' dots, a variant no GPU runs)."""
+    for spec in launches:
+        if "UPCAST" in spec[2]:
+            spec[2].update(UPCAST=False, PREC="tf32")
+    return launches

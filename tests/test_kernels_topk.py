@@ -16,7 +16,7 @@ pytest.importorskip("numpy")
 import attnlab.kernels.topk_attn.chunk as chunk  # noqa: E402
 import attnlab.kernels.topk_attn.threshold as threshold  # noqa: E402
 import attnlab.kernels.topk_attn.function as function  # noqa: E402
-from kernel_utils import TOL, compile_for_sm90, record_launches, rel  # noqa: E402
+from kernel_utils import TOL, as_on_gpu, compile_for_sm90, record_launches, rel  # noqa: E402
 from attnlab.kernels.topk_attn import topk_attention  # noqa: E402
 from attnlab.kernels.topk_attn.reference import attention_over, threshold_keep, topk_attention_dense  # noqa: E402
 
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("poison")
 CFG = dict(BM=16, BN=8, CAP=16, BS=16, KC=4, BMB=16, progs_per_sm=1)
 # 8 groups: 24 kept scores per row in A; other key tiles in the forward and backward
 THRESHOLD_CFG = dict(BM=16, BM_sel=16, BN=8, BN_fwd=16, BN_dq=8, BM_kv=8, BN_kv=16)
+DEFAULT_CFG = {"chunk": dict(chunk.CONFIG), "threshold": dict(threshold.CONFIG)}  # the GPU's, before small_tiles
 
 
 @pytest.fixture(autouse=True)
@@ -245,12 +246,12 @@ def test_threshold_ties_split_by_key_index(dtype):
 
 def test_compiles_for_hopper(monkeypatch):
     """Every kernel launched by a bf16 call of the GPU's default tiles (d = 64, k = 64; causal with padding and
-    bidirectional; threshold and sparse kernels, the sparse forward with its GPU-only inline-PTX sweep), as
-    launched, compiles for sm_90: Triton's compiler checks what the interpreter lets through (a loop-carried
-    variable changing type once broke the GPU build of the threshold kernels)."""
-    default = {"chunk": dict(chunk.CONFIG), "threshold": dict(threshold.CONFIG)}
-    monkeypatch.setattr(chunk, "CONFIG", {**default["chunk"], "progs_per_sm": 1})
-    monkeypatch.setattr(threshold, "CONFIG", default["threshold"])
+    bidirectional; threshold and sparse kernels, the sparse forward with its GPU-only inline-PTX sweep), in the
+    variant a GPU launches (bf16 tensor-core dots, as_on_gpu), compiles for sm_90: Triton's compiler checks what the
+    interpreter lets through (a loop-carried variable changing type once broke the GPU build of the threshold
+    kernels)."""
+    monkeypatch.setattr(chunk, "CONFIG", {**DEFAULT_CFG["chunk"], "progs_per_sm": 1})
+    monkeypatch.setattr(threshold, "CONFIG", dict(DEFAULT_CFG["threshold"]))
     monkeypatch.setattr(chunk, "_num_sms", lambda device: 1)
     q, k, v, kpm = inputs(1, 1, 65, 65, d=64, dv=64, dtype=torch.bfloat16, seed=16, pad=True)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -264,7 +265,7 @@ def test_compiles_for_hopper(monkeypatch):
             spec[2]["FAST"] = True  # the GPU's sweep (the interpreter takes the portable one)
     assert {s[1] for s in launches} >= {"_select_kernel", "_bwd_dkdv_kernel", "_fwd_kernel", "_bwd_kernel",
                                         "_bwd_dq_kernel", "_delta_kernel"}
-    missing = compile_for_sm90(launches)
+    missing = compile_for_sm90(as_on_gpu(launches))
     if missing:
         pytest.skip(f"no sm_90 toolchain here: {missing}")
 
