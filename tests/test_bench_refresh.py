@@ -79,7 +79,7 @@ def test_graph_timed_op_results_are_judged_beside_eager_ones(tmp_path):
                folder="op_graph")
     ops, _ = refresh.load([str(tmp_path / "old"), str(tmp_path)])
     assert sorted(ops) == ["eager", "graph"] and ops["graph"]["date"] == "2026-01-03"
-    text = refresh.section(ops, [], [str(tmp_path)])
+    text = refresh.section(ops, [])
     assert "Op level, eager:" in text and "Op level, CUDA graphs:" in text
     assert "| linear fwd+bwd <= default-backend SDPA at T >= 2048 (eager) | 1.50x (4096) | **missed** |" in text
     assert "| linear fwd+bwd <= default-backend SDPA at T >= 2048 (CUDA graphs) | 0.50x (4096) | **met** |" in text
@@ -109,7 +109,7 @@ def test_write_replaces_only_the_marked_block(tmp_path):
 def test_the_section_renders_the_tables(tmp_path):
     write_runs(tmp_path, op_run({("sdpa", 4096): 4.0, ("linear_triton", 4096): 1.0}),
                [model_run("d", [("softmax", 1024, 500), ("linear", 1024, 400)], gen=[("softmax", 1, 0.5)])])
-    text = refresh.section(*refresh.load([str(tmp_path)]), [str(tmp_path)])
+    text = refresh.section(*refresh.load([str(tmp_path)]))
     assert text.startswith(refresh.BEGIN) and text.endswith(refresh.END)
     assert "| softmax | 500k, 100 |" in text and "| linear | 400k, 100 |" in text
     assert "| 4096 | 8,16 | 4 | 1 (0.25x) |" in text and "| softmax | 0.50 (1.00 ms) |" in text
@@ -126,6 +126,7 @@ def test_topk_op_target_reads_the_newest_check_run(tmp_path):
             {"T": 4096, "sdpa": {"fwdbwd_ms": 3.5}, "topk_triton": {"fwdbwd_ms": ms}}]}}))
     dirs = [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "b")]
     ops, runs = refresh.load(dirs)
-    rows = [ln for ln in refresh.section(ops, runs, dirs).splitlines() if ln.startswith("| top-k (k=64) fwd+bwd")]
+    text = refresh.section(ops, runs, refresh.topk_check(dirs))
+    rows = [ln for ln in text.splitlines() if ln.startswith("| top-k (k=64) fwd+bwd")]
     assert len(rows) == 1 and "b/topk_threshold_final.json" in rows[0], rows
     assert rows[0].endswith("| 2.00x (4096) | **met** |"), rows
