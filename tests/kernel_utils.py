@@ -47,13 +47,15 @@ for module, name, consts, types, warps, stages in specs:
         sys.exit(1)
     if report:  # registers and spills as ptxas reports them (the sm_90a assembler shipped with Triton)
         bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(c.asm["ptx"])
-        for tool in ("ptxas-blackwell", "ptxas"):
-            r = subprocess.run([os.path.join(bin_dir, tool), "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                               capture_output=True, text=True)
-            if r.returncode == 0:
-                break
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = os.path.join(tmp, name + ".ptx")
+            with open(ptx, "w") as f:
+                f.write(c.asm["ptx"])
+            for tool in ("ptxas-blackwell", "ptxas"):
+                r = subprocess.run([os.path.join(bin_dir, tool), "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
+                                   capture_output=True, text=True)
+                if r.returncode == 0:
+                    break
         info = " ; ".join(ln.split("info    : ")[-1].strip() for ln in r.stderr.splitlines()
                           if "registers" in ln or "spill" in ln)
         print(f"REPORT {name} warps={warps} stages={stages} smem={c.metadata.shared} | {info}")

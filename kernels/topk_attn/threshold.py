@@ -471,8 +471,7 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None):
     _select_kernel[(NS, B * H)](
         q, k, kpm, mx, tt, tj, tj if stats is None else stats, T, S, H, DK, S - T, topk, NS, *q.stride()[:3],
         *k.stride()[:3], kpm.stride(0), BM=BMS, BN=CONFIG["BN"], SEL_BITS=CONFIG["SEL_BITS"], SLACK=CONFIG["slack"],
-        POPS=CONFIG["pops"], KEEP_A=CONFIG["keep_A"], WITH_STATS=stats is not None,
-        STOP=stop,
+        POPS=CONFIG["pops"], KEEP_A=CONFIG["keep_A"], WITH_STATS=stats is not None, STOP=stop,
         num_warps=CONFIG["sel_warps"], **meta)
     if stop:
         return out, lse, tt, tj
