@@ -33,10 +33,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 specs, report = json.loads(sys.argv[1]), sys.argv[2] == "1"
-for module, name, consts, types, warps, stages in specs:
+for module, name, consts, types, warps, stages, *aligned in specs:
     fn = getattr(importlib.import_module(module), name)
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in (aligned[0] if aligned else [])}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()},
+                    attrs=attrs)
     try:
         c = compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     except FileNotFoundError as e:  # no ptxas: nothing to say about the kernels
@@ -59,16 +61,19 @@ for module, name, consts, types, warps, stages in specs:
         info = " ; ".join(ln.split("info    : ")[-1].strip() for ln in r.stderr.splitlines()
                           if "registers" in ln or "spill" in ln)
         print(f"REPORT {name} warps={warps} stages={stages} smem={c.metadata.shared} | {info}")
+    print(f"SMEM {name} {c.metadata.shared}")
 """
 
 
 def compile_for_sm90(specs, report=False):
     """Compile Triton kernels for an H100/H200 (sm_90) in one fresh process without the interpreter
     (TRITON_INTERPRET=0: real JIT functions; no GPU needed). specs: [(module, kernel name, constexprs, {arg: type},
-    num_warps, num_stages)], types as Triton signatures ("*bf16", "fp32"; default "i32"), e.g. from record_launches.
-    Returns the child's output if the toolchain is missing (the caller skips), None when everything compiled; a
-    compilation error raises with its message. report: return instead one line per kernel with its shared memory
-    and ptxas's registers and spills (bench/kernel_regs.py)."""
+    num_warps, num_stages, [aligned args])], types as Triton signatures ("*bf16", "fp32"; default "i32"), aligned
+    args: those the JIT specializes as multiples of 16 (ints) or 16-byte aligned (pointers), e.g. from
+    record_launches. Returns the child's output (a str) if the toolchain is missing (the caller skips), else
+    {kernel name: the most shared memory one of its launches asks for}; a compilation error raises with its
+    message. report: return instead one line per kernel with its shared memory and ptxas's registers and spills
+    (bench/kernel_regs.py)."""
     import json
     import os
     import subprocess
@@ -78,9 +83,14 @@ def compile_for_sm90(specs, report=False):
                        capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         raise AssertionError(f"sm_90 compilation failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    if report:
+    if report or "NO-TOOLCHAIN" in r.stdout:
         return r.stdout
-    return r.stdout if "NO-TOOLCHAIN" in r.stdout else None
+    smem = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("SMEM "):
+            _, name, n = line.split()
+            smem[name] = max(smem.get(name, 0), int(n))
+    return smem
 
 
 _DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32", "torch.float64": "fp64",
@@ -89,7 +99,8 @@ _DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "
 
 def record_launches(monkeypatch):
     """Record every Triton kernel launched from now on (in the interpreter) as a compile_for_sm90 spec, argument
-    types read off the real call; returns the list it fills (each distinct launch once)."""
+    types and alignment (as the JIT specializes them) read off the real call; returns the list it fills (each
+    distinct launch once)."""
     import inspect
 
     import torch
@@ -101,18 +112,21 @@ def record_launches(monkeypatch):
         params = list(inspect.signature(fn).parameters.values())
         bound = dict(zip([p.name for p in params], args))
         bound.update(kwargs)
-        consts, types = {}, {}
+        consts, types, aligned = {}, {}, []
         for p in params:
             v = bound.get(p.name, p.default)
             if "constexpr" in str(p.annotation):
                 consts[p.name] = v
             elif isinstance(v, torch.Tensor):
                 types[p.name] = "*" + _DTYPES[str(v.dtype)]
+                aligned += [p.name] * (v.data_ptr() % 16 == 0)
             elif isinstance(v, float):
                 types[p.name] = "fp32"
-            elif isinstance(v, int) and not -2 ** 31 <= v < 2 ** 31:
-                types[p.name] = "i64"
-        spec = [fn.__module__, fn.__name__, consts, types, kwargs.get("num_warps", 4), kwargs.get("num_stages", 2)]
+            elif isinstance(v, int) and not isinstance(v, bool):
+                types[p.name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+                aligned += [p.name] * (v % 16 == 0)
+        spec = [fn.__module__, fn.__name__, consts, types, kwargs.get("num_warps", 4), kwargs.get("num_stages", 2),
+                aligned]
         if spec not in seen:
             seen.append(spec)
         return real(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -121,9 +135,12 @@ def record_launches(monkeypatch):
 
 
 def as_on_gpu(launches):
-    """The launches as a GPU makes them from the same bf16 call: the top-k kernels' tensor-core dots on bf16 tiles
-    (UPCAST off; the interpreter upcasts to float32 with exact 'ieee' dots, a variant no GPU runs)."""
+    """The launches as a GPU makes them from the same bf16 call at aligned shapes (T, d and strides multiples of
+    16, as in training): the top-k kernels' tensor-core dots on bf16 tiles (UPCAST off; the interpreter upcasts to
+    float32 with exact 'ieee' dots, a variant no GPU runs), every pointer and int argument aligned (the variant
+    with vector loads and pipelined copies, which asks for the most shared memory)."""
     for spec in launches:
         if "UPCAST" in spec[2]:
             spec[2].update(UPCAST=False, PREC="tf32")
+        spec[6] = [n for n, t in spec[3].items() if not t.startswith("fp")]
     return launches

@@ -247,9 +247,9 @@ def test_threshold_ties_split_by_key_index(dtype):
 def test_compiles_for_hopper(monkeypatch):
     """Every kernel launched by a bf16 call of the GPU's default tiles (d = 64, k = 64; causal with padding and
     bidirectional; threshold and sparse kernels, the sparse forward with its GPU-only inline-PTX sweep), in the
-    variant a GPU launches (bf16 tensor-core dots, as_on_gpu), compiles for sm_90: Triton's compiler checks what the
-    interpreter lets through (a loop-carried variable changing type once broke the GPU build of the threshold
-    kernels)."""
+    variant a GPU launches (bf16 tensor-core dots, aligned shapes: as_on_gpu), compiles for sm_90: Triton's compiler
+    checks what the interpreter lets through (a loop-carried variable changing type once broke the GPU build of the
+    threshold kernels). The threshold kernels' shared memory is within function.THRESHOLD_SMEM."""
     monkeypatch.setattr(chunk, "CONFIG", {**DEFAULT_CFG["chunk"], "progs_per_sm": 1})
     monkeypatch.setattr(threshold, "CONFIG", dict(DEFAULT_CFG["threshold"]))
     monkeypatch.setattr(chunk, "_num_sms", lambda device: 1)
@@ -265,9 +265,13 @@ def test_compiles_for_hopper(monkeypatch):
             spec[2]["FAST"] = True  # the GPU's sweep (the interpreter takes the portable one)
     assert {s[1] for s in launches} >= {"_select_kernel", "_bwd_dkdv_kernel", "_fwd_kernel", "_bwd_kernel",
                                         "_bwd_dq_kernel", "_delta_kernel"}
-    missing = compile_for_sm90(as_on_gpu(launches))
-    if missing:
-        pytest.skip(f"no sm_90 toolchain here: {missing}")
+    compiled = compile_for_sm90(as_on_gpu(launches))
+    if isinstance(compiled, str):
+        pytest.skip(f"no sm_90 toolchain here: {compiled}")
+    # the threshold kernels' tiles are not fitted to the device: THRESHOLD_SMEM sends a GPU with less shared
+    # memory per block to the sparse kernels, so it must cover what they ask for
+    smem = {s[1]: compiled[s[1]] for s in launches if s[0].endswith("threshold")}
+    assert max(smem.values()) <= function.THRESHOLD_SMEM, smem
 
 
 def test_threshold_atomic_dq_not_when_deterministic(monkeypatch):
@@ -304,6 +308,41 @@ def test_threshold_top_k_in_one_group():
     k[:, :, ::8] += 3 * u  # group 0 of 8: 17 keys, all above every other score of a row
     assert (sweeps(q, k, v, 10, False) >= 2).all()  # group 0's list runs out: R sweeps again
     check(q, k, v, 10, False)
+
+
+def test_threshold_split_heads_layout_is_read_in_place(monkeypatch):
+    """The model's split heads (a transposed view of (B, T, H, d)) go to the threshold kernels without a copy: the
+    output comes in (B, T, H, dv) memory (merging heads is a view), the gradients in the inputs' layouts, all
+    bit for bit the contiguous call's. A layout the kernels cannot take (a slice of a wider last dim) is copied."""
+    q, k, v, kpm = inputs(2, 3, 13, 13, seed=19, pad=True)
+    dout = torch.randn(2, 3, 13, 16, generator=torch.Generator().manual_seed(20))
+
+    def run(q, k, v, dout):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = function.topk_attention_triton(q, k, v, 4, True, key_padding_mask=kpm)
+        out.backward(dout)
+        return out, q.grad, k.grad, v.grad
+
+    ref = run(q, k, v, dout)
+    split = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, dout)]
+    copies, real_contiguous = [], torch.Tensor.contiguous
+
+    def contiguous(t, *args, **kwargs):  # records the calls that copy
+        if not t.is_contiguous():
+            copies.append(t.shape)
+        return real_contiguous(t, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "contiguous", contiguous)
+        got = run(*split)
+    assert copies == [], copies
+    assert got[0].transpose(1, 2).is_contiguous()
+    for g, r, x in zip(got, ref, [None, *split[:3]]):
+        assert torch.equal(g, r)
+        assert x is None or g.stride() == x.stride()
+    wide = [torch.cat([t, t], -1)[..., :16] for t in (q, k, v)]  # stride(-1) == 1 but not dense: copied
+    for g, r in zip(run(*wide, dout), ref):
+        assert torch.equal(g, r)
 
 
 def test_small_shared_memory_takes_the_sparse_kernels(monkeypatch):

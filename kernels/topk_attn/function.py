@@ -18,7 +18,7 @@ import torch
 from .. import eager_or_compiled
 from ..fit import smem_limit
 from .chunk import MAX_TOPK, topk_bwd, topk_fwd
-from .threshold import threshold_bwd, threshold_fwd
+from .threshold import empty_out, heads_layout, threshold_bwd, threshold_fwd
 from .reference import check_args
 
 THRESHOLD_MAX_T = 16384
@@ -99,7 +99,7 @@ topk_threshold_fwd = torch.library.custom_op("attnlab::topk_threshold_fwd", _top
 def _(q, k, v, key_padding_mask, topk, causal, scale):
     B, H, T, _ = q.shape
     row = q.new_empty(B, H, T, dtype=torch.float32)
-    return q.new_empty(B, H, T, v.shape[3]), row, torch.empty_like(row), row.new_empty(B, H, T, dtype=torch.int32)
+    return empty_out(q, v.shape[3]), row, torch.empty_like(row), row.new_empty(B, H, T, dtype=torch.int32)
 
 
 def _topk_threshold_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
@@ -159,7 +159,8 @@ def topk_attention_triton(q, k, v, topk: int, causal: bool, key_padding_mask=Non
                          f"got {scale}; use backend='torch' for other scales")
     if q.shape[2] == 0 or S == 0:  # nothing to attend: zeros, still connected to the graph
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
+    if takes_threshold(q.shape[2], q.shape[-1], v.shape[-1], q.device):  # the model's split heads need no copy
+        return _topk_threshold(heads_layout(q), heads_layout(k), heads_layout(v), key_padding_mask, kk, causal,
+                               scale)[0]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if takes_threshold(q.shape[2], q.shape[-1], v.shape[-1], q.device):
-        return _topk_threshold(q, k, v, key_padding_mask, kk, causal, scale)[0]
     return _topk_attn(q, k, v, key_padding_mask, kk, causal, scale)[0]

@@ -101,13 +101,14 @@ def _keep(a1, a2, a3, a4, x, LARGEST: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _bisect_step(k1, k2, k3, k4, a, z, c, act, KK, SLACK: tl.constexpr, KEEP: tl.constexpr):
-    """One bisection step at c: count the kept keys >= c; the rows that stop (KK .. KK + SLACK of them, or a
-    bracket of one key) leave act."""
-    c32 = c.to(tl.int32)[:, None]
-    n = (k1 >= c32).to(tl.int32) + (k2 >= c32).to(tl.int32) + (k3 >= c32).to(tl.int32)
+def _bisect_step(g1, g2, g3, g4, a, z, c, act, KK, SLACK: tl.constexpr, KEEP: tl.constexpr):
+    """One bisection step at the key c: count the kept scores >= _unkey(c) (float compares that give 1.0 / 0.0,
+    summed in float32: half the instructions of int32 compares and selects); the rows that stop (KK .. KK + SLACK
+    of them, or a bracket of one key) leave act."""
+    cf = _unkey(c.to(tl.int32))[:, None]
+    n = tl.where(g1 >= cf, 1.0, 0.0) + tl.where(g2 >= cf, 1.0, 0.0) + tl.where(g3 >= cf, 1.0, 0.0)
     if KEEP == 4:
-        n += (k4 >= c32).to(tl.int32)
+        n += tl.where(g4 >= cf, 1.0, 0.0)
     n = tl.sum(n, 1)
     up = n >= KK
     a = tl.where(act & up, c, a)
@@ -131,16 +132,16 @@ def _count_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, lo,
                 PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Sweep R: #{s > lo} of every row and the 3 smallest {s > lo} of every group (POS where fewer). The count is
     kept per group and summed once at the end: no row reduction per key tile."""
-    cnt = tl.zeros([BM, BN], dtype=tl.int32)
+    cnt = tl.zeros([BM, BN], dtype=tl.float32)
     b1 = tl.full([BM, BN], POS, tl.float32)
     b2 = tl.full([BM, BN], POS, tl.float32)
     b3 = tl.full([BM, BN], POS, tl.float32)
     for n0 in range(0, n_end, BN):
         s = _scores(q, K, KPM, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         up = s > lo[:, None]
-        cnt += up.to(tl.int32)
+        cnt += tl.where(up, 1.0, 0.0)
         b1, b2, b3, _ = _keep(b1, b2, b3, b3, tl.where(up, s, POS), False, 3)
-    return tl.sum(cnt, 1), b1, b2, b3
+    return tl.sum(cnt, 1).to(tl.int32), b1, b2, b3
 
 
 @triton.jit
@@ -166,12 +167,20 @@ def _tile_ids(NM, BM: tl.constexpr, H):
 
 
 @triton.jit
-def _selected(s, cols, t, tj, LEX):
-    """The mask (s, -j) > (t, -tj): s > t, or a tie at t with a key index below tj (only when LEX)."""
-    sel = s > t[:, None]
-    if LEX:
-        sel = sel | ((s == t[:, None]) & (cols[None, :] < tj[:, None]))
-    return sel
+def _below(t):
+    """The largest float32 below t, so that s > _below(t) <=> s >= t (-0.0 == +0.0: below both is the negative
+    denormal; below -inf is -inf)."""
+    b = _unkey(_key(t) - 1)
+    b = tl.where(b == t, _unkey(_key(t) - 2), b)
+    return tl.where(t == NEG, t, b)
+
+
+@triton.jit
+def _cut(cols, t, tj):
+    """Per (row, key) the value a score must exceed to be selected: (s, -j) > (t, -tj) <=> s > t, or s == t for
+    a key below tj (a tie row), i.e. s > the float below t. A float tensor, no boolean one: a mask that a runtime
+    branch chooses is kept as bits Triton packs and unpacks per element (2.5x the forward's instructions)."""
+    return tl.where(cols[None, :] < tj[:, None], _below(t)[:, None], t[:, None])
 
 
 @triton.jit
@@ -216,10 +225,6 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
         least = tl.where(g4 > NEG, g4, least)
     a0 = tl.where(n1 >= KK, tl.min(tl.where(f1, g1, POS), 1), tl.min(least, 1))
     bound = rmask & (nk >= KK)  # else no bound: R counts every visible score
-    k1 = _key(g1)
-    k2 = _key(g2)
-    k3 = _key(g3)
-    k4 = _key(g4)
     a = _key(tl.where(bound, a0, 0.0)).to(tl.int64)
     z = _key(tl.where(bound, mx, 0.0)).to(tl.int64) + 1
     c = a
@@ -227,10 +232,10 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
     steps = 0
     go = tl.max(act.to(tl.int32), 0) > 0
     while go:  # the first step counts at a itself: it may already be the answer (short rows, all kept)
-        a, z, c, act = _bisect_step(k1, k2, k3, k4, a, z, c, act, KK, SLACK, KEEP_A)
+        a, z, c, act = _bisect_step(g1, g2, g3, g4, a, z, c, act, KK, SLACK, KEEP_A)
         steps += 1
         go = (steps < SEL_BITS) & (tl.max(act.to(tl.int32), 0) > 0)
-    lo = tl.where(bound, _unkey((a - 1).to(tl.int32)), NEG)  # s > lo <=> s >= L
+    lo = tl.where(bound, _below(_unkey(a.to(tl.int32))), NEG)  # s > lo <=> s >= L
     if STOP == 2:
         tl.store(TT + r, lo, mask=rmask)
         return
@@ -301,8 +306,8 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, T, S, H, DK, DV, off, qk2, NM,
                 BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
                 HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Sweep F, the masked forward: out = sum p v / sum p with p = exp(scale (s - max)) where selected. The row max
-    is selected (k >= 1), so p <= 1 and sum p >= 1 on a non-empty row. Stores out and the base-2 log-sum-exp of
-    the selected scaled scores (LSE; qk2 = scale * log2(e))."""
+    is selected (k >= 1), so p <= 1 (to rounding) and sum p >= 1 on a non-empty row. Stores out and the base-2
+    log-sum-exp of the selected scaled scores (LSE; qk2 = scale * log2(e))."""
     bh, b, h, m0 = _tile_ids(NM, BM, H)
     rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
                                                 BM, DP, CAUSAL, UPCAST)
@@ -312,13 +317,13 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, T, S, H, DK, DV, off, qk2, NM,
     mx = tl.load(MX + r, mask=rmask, other=0.0)
     t = tl.load(TT + r, mask=rmask, other=POS)
     tj = tl.load(TJ + r, mask=rmask, other=0)
-    LEX = tl.max(tj, 0) > 0
+    mq = mx * qk2
     acc = tl.zeros([BM, DVP], dtype=tl.float32)
     den = tl.zeros([BM], dtype=tl.float32)
     for n0 in range(0, n_end, BN):
         s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         cols = n0 + tl.arange(0, BN)
-        p = tl.where(_selected(s, cols, t, tj, LEX), tl.exp2((s - mx[:, None]) * qk2), 0.0)
+        p = tl.where(s > _cut(cols, t, tj), tl.exp2(s * qk2 - mq[:, None]), 0.0)
         den += tl.sum(p, 1)
         v = tl.load(Vb + cols[:, None] * svt + dv[None, :], mask=(cols[:, None] < S) & (dv[None, :] < DV), other=0.0)
         if UPCAST:
@@ -328,7 +333,7 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, T, S, H, DK, DV, off, qk2, NM,
     out = acc / tl.where(live, den, 1.0)[:, None]
     tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None] * sot + dv[None, :], out.to(O.dtype.element_ty),
              mask=rmask[:, None] & (dv[None, :] < DV))
-    tl.store(LSE + r, tl.where(live, mx * qk2 + tl.log2(tl.where(live, den, 1.0)), 0.0), mask=rmask)
+    tl.store(LSE + r, tl.where(live, mq + tl.log2(tl.where(live, den, 1.0)), 0.0), mask=rmask)
 
 
 @triton.jit
@@ -340,8 +345,8 @@ def _probs(s, cols, rows, bh, T, LSE, TT, TJ, qk2):
     tj = tl.load(TJ + r, mask=rm, other=0)
     lse = tl.load(LSE + r, mask=rm, other=0.0)
     # always with the key-index split: skipping it in tiles without a tie (a reduction and a branch per tile) made
-    # the backward 0.5 ms slower at T = 4096 (NOTES.md, session 9)
-    return tl.where(_selected(s, cols, t, tj, True), tl.exp2(s * qk2 - lse[:, None]), 0.0)
+    # the backward 0.5 ms slower at T = 4096 (NOTES.md, session 9); it costs a compare and a select per score
+    return tl.where(s > _cut(cols, t, tj), tl.exp2(s * qk2 - lse[:, None]), 0.0)
 
 
 @triton.jit
@@ -437,11 +442,23 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, DQ32, T, S,
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
             tl.atomic_add(DQ32 + (bh.to(tl.int64) * T + rows[:, None]) * DK + cd[None, :], dq,
                           mask=rmask[:, None] & (cd[None, :] < DK), sem="relaxed")
-    base = bh.to(tl.int64) * S
-    tl.store(DK_ + (base + cols[:, None]) * DK + cd[None, :], (dk * scale).to(DK_.dtype.element_ty),
-             mask=(cols[:, None] < S) & (cd[None, :] < DK))
-    tl.store(DV_ + (base + cols[:, None]) * DV + dv[None, :], dvacc.to(DV_.dtype.element_ty),
-             mask=(cols[:, None] < S) & (dv[None, :] < DV))
+    # dK, dV have the strides of K, V (threshold_bwd)
+    tl.store(DK_ + b.to(tl.int64) * skb + h * skh + cols[:, None] * skt + cd[None, :],
+             (dk * scale).to(DK_.dtype.element_ty), mask=(cols[:, None] < S) & (cd[None, :] < DK))
+    tl.store(DV_ + b.to(tl.int64) * svb + h * svh + cols[:, None] * svt + dv[None, :],
+             dvacc.to(DV_.dtype.element_ty), mask=(cols[:, None] < S) & (dv[None, :] < DV))
+
+
+def heads_layout(t):
+    """t (B, H, T, d) as the kernels take it: contiguous, or the model's split heads (a transposed view of a
+    contiguous (B, T, H, d)), both read and written through strides with no copy; any other layout is copied."""
+    return t if t.is_contiguous() or t.transpose(1, 2).is_contiguous() else t.contiguous()
+
+
+def empty_out(q, DV):
+    """The output (B, H, T, DV) in (B, T, H, DV) memory: the model merges heads with a view, not a copy."""
+    B, H, T, _ = q.shape
+    return q.new_empty(B, T, H, DV).transpose(1, 2)
 
 
 def _common(q, k, key_padding_mask):
@@ -454,13 +471,13 @@ def _common(q, k, key_padding_mask):
 
 
 def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None):
-    """q (B, H, T, d), k (B, H, S, d), v (B, H, S, dv), contiguous; 1 <= topk (already min(topk, S)).
-    Returns out (B, H, T, dv) in q's dtype, and per row (B, H, T) the base-2 log-sum-exp (float32) and the
-    threshold (t float32, tj int32) the backward needs. stats: see selection_stats."""
+    """q (B, H, T, d), k (B, H, S, d), v (B, H, S, dv), each in a heads_layout; 1 <= topk (= min(topk, S)).
+    Returns out (B, H, T, dv) in q's dtype (empty_out's layout), and per row (B, H, T) the base-2 log-sum-exp
+    (float32) and the threshold (t float32, tj int32) the backward needs. stats: see selection_stats."""
     B, H, T, DK = q.shape
     S, DV = k.shape[2], v.shape[3]
     BM, BMS = CONFIG["BM"], CONFIG["BM_sel"]
-    out = torch.empty(B, H, T, DV, dtype=q.dtype, device=q.device)
+    out = empty_out(q, DV)
     mx, lse, tt = (torch.empty(B, H, T, dtype=torch.float32, device=q.device) for _ in range(3))
     tj = torch.empty(B, H, T, dtype=torch.int32, device=q.device)
     kpm, upcast, prec = _common(q, k, key_padding_mask)
@@ -493,15 +510,13 @@ def selection_stats(q, k, v, topk, causal, key_padding_mask=None, scale=1.0):
 
 
 def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, scale):
-    """Gradients of threshold_fwd's output (dq, dk, dv in the inputs' dtypes)."""
+    """Gradients of threshold_fwd's output (dq, dk, dv in the inputs' dtypes and layouts)."""
     B, H, T, DK = q.shape
     S, DV = k.shape[2], v.shape[3]
     BM = CONFIG["BM"]
     NM = triton.cdiv(T, BM)
-    dout = dout.contiguous()
-    dq = torch.empty_like(q)
-    dk = torch.empty(B, H, S, DK, dtype=k.dtype, device=q.device)
-    dv = torch.empty(B, H, S, DV, dtype=v.dtype, device=q.device)
+    dout = heads_layout(dout)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # written with q, k, v's strides
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     kpm, upcast, prec = _common(q, k, key_padding_mask)
     meta = dict(DP=_pow2(DK), DVP=_pow2(DV), CAUSAL=causal, HAS_PAD=key_padding_mask is not None,
