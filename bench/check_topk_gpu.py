@@ -381,6 +381,18 @@ def section(name, fn):
     log(f"[{name}] {time.time() - t:.1f} s (total {time.time() - T0:.0f} s)")
 
 
+def kernel_smem():
+    """The most shared memory any compiled variant of each threshold kernel asks for, read from the JIT's caches
+    (function.THRESHOLD_SMEM must cover it: the kernels' tiles are not fitted to the device)."""
+    out = {}
+    for name in ("_select_kernel", "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_delta_kernel"):
+        for cache in getattr(getattr(threshold, name), "device_caches", {}).values():
+            kernels = cache[0] if isinstance(cache, tuple) else cache
+            for kernel in kernels.values():
+                out[name] = max(out.get(name, 0), kernel.metadata.shared)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
@@ -447,6 +459,11 @@ def main():
     if ARGS.sweep and "sweep" not in ARGS.skip:
         section("sweep", lambda: sweep(B, H, ARGS.sweep_T, D, K, ARGS.rep_ms, ARGS.sweep))
 
+    if ARGS.path == "threshold" and not ARGS.dry_run:
+        RESULTS["smem"] = kernel_smem()
+        log(f"shared memory per block (bytes, the JIT's compiled variants): {RESULTS['smem']}; guard "
+            f"function.THRESHOLD_SMEM = {function.THRESHOLD_SMEM}"
+            + (" EXCEEDED" if max(RESULTS["smem"].values(), default=0) > function.THRESHOLD_SMEM else ""))
     with open(os.path.join(ARGS.out, f"{ARGS.name}.json"), "w") as f:
         json.dump(dict(path=ARGS.path, config=threshold.CONFIG if ARGS.path == "threshold" else chunk.CONFIG,
                        results=RESULTS, log=LINES), f, indent=1, default=str)
