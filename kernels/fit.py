@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 # Hopper (H100 / H200): 227 KiB of opt-in shared memory per block. Used where no device can be asked (the CPU
 # interpreter), so the interpreter tests exercise the same choices as an H100.
 DEFAULT_SMEM = 232448
@@ -48,17 +50,18 @@ def _props(index: int) -> int:
         import triton
         return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
     except Exception:  # no driver (interpreter) or an older Triton: ask torch
-        import torch
         p = torch.cuda.get_device_properties(index)
         return int(getattr(p, "shared_memory_per_block_optin", DEFAULT_SMEM))
 
 
+@torch.compiler.assume_constant_result
 def smem_limit(device) -> int:
-    """Shared memory per block (bytes, opt-in maximum) of ``device``; DEFAULT_SMEM off the GPU."""
+    """Shared memory per block (bytes, opt-in maximum) of ``device``; DEFAULT_SMEM off the GPU. A constant to
+    torch.compile (topk_attention_triton asks while a model is traced; the driver call would break the graph)."""
     if getattr(device, "type", "cpu") != "cuda":
         return DEFAULT_SMEM
-    import torch
     return _props(device.index if device.index is not None else torch.cuda.current_device())
+
 
 
 def _p2(n: int, lo: int = 16) -> int:

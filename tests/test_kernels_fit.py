@@ -1,7 +1,9 @@
 """Block-size fitting (kernels/fit.py): pure functions of the shapes and the device's shared-memory limit, so the
 whole config grid of issue #11 is checked here on the CPU; bench/check_fit_gpu.py compiles the same grid on a GPU
 and compares the estimate with what the compiler really allocates."""
+import functools
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -86,3 +88,16 @@ def test_out_of_resources_at_launch_halves_the_tile(monkeypatch):
     assert seen == [64, 32, 16]
     assert rel(o, linear_attention_ref(q.double(), k.double(), v.double())) < 1e-5
     assert list(chunk._BV_CAP.values()) == [16]
+
+
+def test_smem_limit_is_a_constant_when_compiled(monkeypatch):
+    """topk_attention_triton asks for the device's shared memory while torch.compile traces the model: the driver
+    query (behind an lru_cache) is a constant to dynamo, not a graph break (one broke the whole-model CUDA graphs:
+    host-bound steps, 537k against 657k tokens/s; bench/RESULTS.md, session 11)."""
+    @functools.lru_cache(maxsize=None)
+    def props(index):  # the driver query as fit._props makes it: a call into a C extension
+        return 232448 + index + zlib.crc32(b"")
+
+    monkeypatch.setattr(fit, "_props", props)
+    f = torch.compile(lambda x: x + fit.smem_limit(torch.device("cuda", 0)), fullgraph=True, backend="eager")
+    assert f(torch.zeros(1)).item() == 232448
