@@ -246,10 +246,11 @@ def test_threshold_ties_split_by_key_index(dtype):
 
 def test_compiles_for_hopper(monkeypatch):
     """Every kernel launched by a bf16 call of the GPU's default tiles (d = 64, k = 64; causal with padding and
-    bidirectional; threshold and sparse kernels, the sparse forward with its GPU-only inline-PTX sweep), in the
-    variant a GPU launches (bf16 tensor-core dots, aligned shapes: as_on_gpu), compiles for sm_90: Triton's compiler
-    checks what the interpreter lets through (a loop-carried variable changing type once broke the GPU build of the
-    threshold kernels). The threshold kernels' shared memory is within function.THRESHOLD_SMEM."""
+    bidirectional; threshold and sparse kernels, the sparse forward with its GPU-only inline-PTX sweep; and the
+    float32 threshold kernels), in the variant a GPU launches (tensor-core dots, aligned shapes: as_on_gpu),
+    compiles for sm_90: Triton's compiler checks what the interpreter lets through (a loop-carried variable changing
+    type once broke the GPU build of the threshold kernels). The threshold kernels' shared memory is within
+    function.THRESHOLD_SMEM."""
     monkeypatch.setattr(chunk, "CONFIG", {**DEFAULT_CFG["chunk"], "progs_per_sm": 1})
     monkeypatch.setattr(threshold, "CONFIG", dict(DEFAULT_CFG["threshold"]))
     monkeypatch.setattr(chunk, "_num_sms", lambda device: 1)
@@ -260,6 +261,8 @@ def test_compiles_for_hopper(monkeypatch):
         use_path(monkeypatch, path)
         function.topk_attention_triton(q, k, v, 64, True, key_padding_mask=kpm).float().sum().backward()
         function.topk_attention_triton(q, k, v, 64, False).float().sum().backward()
+    use_path(monkeypatch, "threshold")  # float32: tiles of twice the bytes, fewer pipeline stages
+    function.topk_attention_triton(*(t.float() for t in (q, k, v)), 64, True).sum().backward()
     for spec in launches:
         if spec[1] == "_fwd_kernel" and spec[0].endswith("chunk"):
             spec[2]["FAST"] = True  # the GPU's sweep (the interpreter takes the portable one)

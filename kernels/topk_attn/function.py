@@ -24,11 +24,11 @@ from .reference import check_args
 THRESHOLD_MAX_T = 16384
 THRESHOLD_MAX_D = 64
 # Shared memory the threshold kernels ask for at d = 64 with the default CONFIG and aligned shapes (the JIT's
-# variant with pipelined copies): the dk/dv kernel's 167936 bytes with atomic dq, 151552 without (sm_90a, Triton
-# 3.9; the dq kernel 131072, forward 82048, selection 24576). Their tiles are not fitted to the device
-# (kernels/fit.py fits the sparse ones), so a GPU with less (an A100: 166912) takes the sparse kernels.
-# test_compiles_for_hopper checks that this covers every threshold kernel a call launches.
-THRESHOLD_SMEM = 167936
+# variant with pipelined copies; sm_90a, Triton 3.9): at most 196608 bytes, the dq kernel on float32 inputs (2
+# stages, threshold._stages); bf16: the dk/dv kernel 167936 with atomic dq, 151552 without. Their tiles are not
+# fitted to the device (kernels/fit.py fits the sparse ones), so a GPU with less (an A100: 166912) takes the sparse
+# kernels. test_compiles_for_hopper checks that this covers every threshold kernel a call launches.
+THRESHOLD_SMEM = 196608
 
 
 def takes_threshold(T: int, d: int, dv: int, device=None) -> bool:

@@ -50,7 +50,7 @@ from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 # stops at <= k + slack kept scores >= L; R pops at most `pops` scores per sweep. atomic_dq: the dk/dv kernel adds
 # dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). Tuned on an H200
 # (NOTES.md).
-CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 4, "stages": 2, "bwd_warps": 8,
+CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 8, "stages": 3, "bwd_warps": 8,
           "bwd_stages": 3, "BN_fwd": 128, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
           "pops": 8, "keep_A": 4, "atomic_dq": False}
 POS = tl.constexpr(float("inf"))
@@ -461,6 +461,12 @@ def empty_out(q, DV):
     return q.new_empty(B, T, H, DV).transpose(1, 2)
 
 
+def _stages(key, q):
+    """CONFIG[key] pipeline stages, at most 2 for float32 inputs: their tiles take twice the bytes, and 3 stages ask
+    for more shared memory than an H100 / H200 has (the dq kernel 262144 bytes, the dk/dv kernel 233472)."""
+    return CONFIG[key] if q.element_size() <= 2 else min(CONFIG[key], 2)
+
+
 def _common(q, k, key_padding_mask):
     kpm = (key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None
            else torch.empty(1, 1, dtype=torch.int8, device=q.device))
@@ -482,7 +488,7 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None):
     tj = torch.empty(B, H, T, dtype=torch.int32, device=q.device)
     kpm, upcast, prec = _common(q, k, key_padding_mask)
     meta = dict(DP=_pow2(DK), CAUSAL=causal, HAS_PAD=key_padding_mask is not None, PREC=prec, UPCAST=upcast,
-                num_stages=CONFIG["stages"])
+                num_stages=_stages("stages", q))
     stop = CONFIG.get("stop", 0)  # timing breakdown only (bench/check_topk_gpu.py)
     NS = triton.cdiv(T, BMS)
     _select_kernel[(NS, B * H)](
@@ -520,7 +526,7 @@ def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, sca
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     kpm, upcast, prec = _common(q, k, key_padding_mask)
     meta = dict(DP=_pow2(DK), DVP=_pow2(DV), CAUSAL=causal, HAS_PAD=key_padding_mask is not None,
-                PREC=prec, UPCAST=upcast, num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"])
+                PREC=prec, UPCAST=upcast, num_warps=CONFIG["bwd_warps"], num_stages=_stages("bwd_stages", q))
     atomic = CONFIG["atomic_dq"] and not torch.are_deterministic_algorithms_enabled()
     if atomic:
         dq32 = torch.zeros(B * H, T, DK, dtype=torch.float32, device=q.device)
