@@ -32,7 +32,7 @@ import importlib, json, os, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-specs, report = json.loads(sys.argv[1]), sys.argv[2] == "1"
+specs, report = json.loads(sys.argv[1]), sys.argv[2]
 for module, name, consts, types, warps, stages, *aligned in specs:
     fn = getattr(importlib.import_module(module), name)
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
@@ -47,8 +47,15 @@ for module, name, consts, types, warps, stages, *aligned in specs:
     except Exception as e:
         print(f"FAILED {module}.{name} {consts} (num_warps={warps}): {type(e).__name__}: {e}")
         sys.exit(1)
-    if report:  # registers and spills as ptxas reports them (the sm_90a assembler shipped with Triton)
-        bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if report == "sass":  # the machine code of Triton's own cubin, for bench/kernel_regs.py --sass
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "k.cubin"), "wb") as f:
+                f.write(c.asm["cubin"])
+            r = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", os.path.join(tmp, "k.cubin")],
+                               capture_output=True, text=True)
+        print(f"SASS-BEGIN {name} warps={warps} stages={stages}\\n{r.stdout}\\nSASS-END")
+    elif report == "1":  # registers and spills as ptxas reports them (the sm_90a assembler shipped with Triton)
         with tempfile.TemporaryDirectory() as tmp:
             ptx = os.path.join(tmp, name + ".ptx")
             with open(ptx, "w") as f:
@@ -72,14 +79,15 @@ def compile_for_sm90(specs, report=False):
     args: those the JIT specializes as multiples of 16 (ints) or 16-byte aligned (pointers), e.g. from
     record_launches. Returns the child's output (a str) if the toolchain is missing (the caller skips), else
     {kernel name: the most shared memory one of its launches asks for}; a compilation error raises with its
-    message. report: return instead one line per kernel with its shared memory and ptxas's registers and spills
-    (bench/kernel_regs.py)."""
+    message. report: return instead one line per kernel with its shared memory and ptxas's registers and spills;
+    report="sass": each kernel's machine code (nvdisasm) between SASS-BEGIN / SASS-END lines (bench/kernel_regs.py)."""
     import json
     import os
     import subprocess
     import sys
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(specs), "1" if report else "0"], env=env,
+    mode = {True: "1", False: "0"}.get(report, report)
+    r = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(specs), mode], env=env,
                        capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         raise AssertionError(f"sm_90 compilation failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")

@@ -5,10 +5,10 @@
 * chunk.py (the sparse kernels): per row the top-k softmax weights P (float32) and key indices I (int32),
   O(T * k); the backward gathers the k keys and scatters into dK, dV with float32 atomics.
 
-Which one runs (measured on an H200, kernels/topk_attn/NOTES.md, sessions 9 and 10): the threshold kernels up to
-THRESHOLD_MAX_T query rows (fwd+bwd at B8 H16 d64 k64: 6.4 ms against 17.6 for the sparse ones at T = 4096, 88
-against 98 at 16384, but 381 against 269 at 32768, where the sparse backward's O(T k) gathers beat the dense
-masked one) and head dims up to THRESHOLD_MAX_D (the widths checked on the GPU; wider heads take the sparse
+Which one runs (measured on an H200, kernels/topk_attn/NOTES.md, sessions 9 to 11): the threshold kernels up to
+THRESHOLD_MAX_T query rows (fwd+bwd at B8 H16 d64 k64: 5.8 ms against 17.6 for the sparse ones at T = 4096, 81
+against 98 at 16384, but 381 against 269 at 32768 in session 9, where the sparse backward's O(T k) gathers beat
+the dense masked one) and head dims up to THRESHOLD_MAX_D (the widths checked on the GPU; wider heads take the sparse
 kernels, whose tiles are fitted to the device's shared memory).
 """
 from __future__ import annotations

@@ -18,7 +18,8 @@ R. Count c = #{s > lo} (lo = the float just below L) and keep the 3 smallest sco
    e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo), exact up to
    the smallest 3rd entry of a full list (the scores no list holds lie above it). e = 0 -> t between lo and
    u_1; 1 <= e < pops and u_(e+1) exact -> t between u_e and u_(e+1); otherwise lo rises to the last exact u_j
-   (j <= e) and R repeats (3-6% of the 64-row tiles of random inputs at the defaults, T = 4096 ... 16384).
+   (j <= e) and R repeats (0.4-0.6% of the 64-row tiles of random inputs at the defaults, T = 4096 ... 16384;
+   3-6% with 6 pops).
    t lies strictly inside the gap (halfway between u_e and u_(e+1), or between lo and u_1), and the kernels that
    compare scores with it recompute them with the same bits (see below).
 T. Only when the boundary is a tie (two keys with the k-th score): t = that score and tj is found by bisection on
@@ -48,8 +49,9 @@ from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 # score's bits do not depend on the tile shape, see the module docstring).
 # SEL_BITS: at most that many bisection steps for L (fewer: a lower L, more for R to remove); a row's bisection
 # stops at <= k + slack kept scores >= L; R pops at most `pops` scores per sweep. atomic_dq: the dk/dv kernel adds
-# dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). Tuned on an H200
-# (NOTES.md).
+# dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). stages: pipeline
+# stages of the selection and forward kernels, bwd_stages of the backward ones (float32 inputs: at most 2, _stages).
+# Tuned on an H200 (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 8, "stages": 3, "bwd_warps": 8,
           "bwd_stages": 3, "BN_fwd": 64, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
           "pops": 8, "keep_A": 4, "atomic_dq": False}
