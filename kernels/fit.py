@@ -63,7 +63,6 @@ def smem_limit(device) -> int:
     return _props(device.index if device.index is not None else torch.cuda.current_device())
 
 
-
 def _p2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (max(1, n) - 1).bit_length())
 

@@ -80,7 +80,8 @@ def compile_for_sm90(specs, report=False):
     record_launches. Returns the child's output (a str) if the toolchain is missing (the caller skips), else
     {kernel name: the most shared memory one of its launches asks for}; a compilation error raises with its
     message. report: return instead one line per kernel with its shared memory and ptxas's registers and spills;
-    report="sass": each kernel's machine code (nvdisasm) between SASS-BEGIN / SASS-END lines (bench/kernel_regs.py)."""
+    report="sass": each kernel's machine code (nvdisasm) between SASS-BEGIN / SASS-END lines
+    (bench/kernel_regs.py)."""
     import json
     import os
     import subprocess
