@@ -244,6 +244,30 @@ def test_threshold_ties_split_by_key_index(dtype):
         assert rel(a, b) < TOL[dtype], (name, rel(a, b))
 
 
+def test_threshold_tie_at_zero():
+    """The k-th score is exactly +0.0 (zero keys), reached by R's pops from below 0: with 8 groups of 5 keys and
+    4 kept per group, sweep A misses zeros (groups 0-3 hold 5 keys >= 0 each), so L < 0 and R pops up through the
+    negative scores to a tie at +0.0. The tie split then selects s >= +0.0 for keys below tj, and -0.0 == +0.0:
+    the float below +0.0 is the negative denormal (threshold._below), not -0.0, which would drop the zero keys."""
+    assert threshold.CONFIG["BN"] == 8 and threshold.CONFIG["keep_A"] == 4  # the layout below is for 8 groups
+    g = torch.Generator().manual_seed(21)
+    q = torch.zeros(1, 1, 6, 16)
+    q[..., 0] = 0.5 + torch.rand(6, generator=g)
+    k = torch.randn(1, 1, 40, 16, generator=g)
+    k[..., 0] = -0.5 - torch.rand(40, generator=g)                 # below 0 ...
+    pos = [0, 8, 16, 1, 9, 17, 2, 10, 18, 3, 11, 19, 27, 4, 12]    # ... but 15 keys above 0 (groups 0-4) ...
+    zero = [24, 25, 26, 32, 33, 34, 35]                            # ... and 7 at exactly +0.0 (groups 0-3)
+    k[..., pos, 0] = 0.5 + torch.rand(15, generator=g)
+    k[..., zero, :] = 0
+    v = torch.randn(1, 1, 40, 16, generator=g)
+    out, _, t, tj = threshold.threshold_fwd(q, k, v, 20, False, None, 0.25)
+    assert (t == 0).all() and (tj == 34).all()  # zeros 24, 25, 26, 32, 33 complete the top 20
+    s = q.double() @ k.double().transpose(-1, -2)
+    keep = threshold_keep(s, t, tj)
+    assert (keep.sum(-1) == 20).all() and keep[..., [24, 25, 26, 32, 33]].all()
+    assert rel(out, attention_over(s * 0.25, keep, v.double())) < TOL[torch.float32]
+
+
 def test_compiles_for_hopper(monkeypatch):
     """Every kernel launched by a bf16 call of the GPU's default tiles (d = 64, k = 64; causal with padding and
     bidirectional; threshold and sparse kernels, the sparse forward with its GPU-only inline-PTX sweep; and the
