@@ -63,10 +63,9 @@ def main():
     function.topk_attention_triton(q, k, v, 64, True).float().sum().backward()
     mp.undo()
     print(f"threshold.CONFIG = {threshold.CONFIG}")
-    text = compile_for_sm90(as_on_gpu(launches), report=True)
+    text = compile_for_sm90(as_on_gpu(launches), report="sass" if args.sass else True)  # one compile
     print("\n".join(ln[len("REPORT "):] for ln in text.splitlines() if ln.startswith("REPORT ")))
     if args.sass:
-        text = compile_for_sm90(as_on_gpu(launches), report="sass")
         for name, listing in re.findall(r"SASS-BEGIN (.*?)\n(.*?)\nSASS-END", text, re.S):
             print(f"\n{name}")
             for label, n, ops in loops(listing):

@@ -48,14 +48,7 @@ for module, name, consts, types, warps, stages, *aligned in specs:
         print(f"FAILED {module}.{name} {consts} (num_warps={warps}): {type(e).__name__}: {e}")
         sys.exit(1)
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if report == "sass":  # the machine code of Triton's own cubin, for bench/kernel_regs.py --sass
-        with tempfile.TemporaryDirectory() as tmp:
-            with open(os.path.join(tmp, "k.cubin"), "wb") as f:
-                f.write(c.asm["cubin"])
-            r = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", os.path.join(tmp, "k.cubin")],
-                               capture_output=True, text=True)
-        print(f"SASS-BEGIN {name} warps={warps} stages={stages}\\n{r.stdout}\\nSASS-END")
-    elif report == "1":  # registers and spills as ptxas reports them (the sm_90a assembler shipped with Triton)
+    if report in ("1", "sass"):  # registers and spills as ptxas reports them (the sm_90a assembler shipped with Triton)
         with tempfile.TemporaryDirectory() as tmp:
             ptx = os.path.join(tmp, name + ".ptx")
             with open(ptx, "w") as f:
@@ -68,6 +61,13 @@ for module, name, consts, types, warps, stages, *aligned in specs:
         info = " ; ".join(ln.split("info    : ")[-1].strip() for ln in r.stderr.splitlines()
                           if "registers" in ln or "spill" in ln)
         print(f"REPORT {name} warps={warps} stages={stages} smem={c.metadata.shared} | {info}")
+    if report == "sass":  # the machine code of Triton's own cubin, for bench/kernel_regs.py --sass
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "k.cubin"), "wb") as f:
+                f.write(c.asm["cubin"])
+            r = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", os.path.join(tmp, "k.cubin")],
+                               capture_output=True, text=True)
+        print(f"SASS-BEGIN {name} warps={warps} stages={stages}\\n{r.stdout}\\nSASS-END")
     print(f"SMEM {name} {c.metadata.shared}")
 """
 
@@ -80,7 +80,7 @@ def compile_for_sm90(specs, report=False):
     record_launches. Returns the child's output (a str) if the toolchain is missing (the caller skips), else
     {kernel name: the most shared memory one of its launches asks for}; a compilation error raises with its
     message. report: return instead one line per kernel with its shared memory and ptxas's registers and spills;
-    report="sass": each kernel's machine code (nvdisasm) between SASS-BEGIN / SASS-END lines
+    report="sass": those lines and each kernel's machine code (nvdisasm) between SASS-BEGIN / SASS-END lines
     (bench/kernel_regs.py)."""
     import json
     import os
