@@ -171,7 +171,7 @@ def check_case(B, H, T, S, d, dtype, topk, causal, pad, seed=0):
     refI = s.topk(min(topk, S), -1).indices
     args = (q.contiguous(), k.contiguous(), v.contiguous(), min(topk, S), causal, kpm, d ** -0.5)
     if function.takes_threshold(T, d, d):  # the threshold path: its (t, tj) against the float64 scores
-        _, _, t, tj = threshold.threshold_fwd(*args)
+        _, _, t, tj, _ = threshold.threshold_fwd(*args)
         mine = threshold_keep(s, t, tj) & ok
     else:
         _, P, I = chunk.topk_fwd(*args)
@@ -198,7 +198,7 @@ def tie_case(dtype, topk=64, T=500, S=1000, d=64):
     k[:, :, S * 3 // 10:S * 4 // 10] = k[:, :, S // 10:S // 10 + 1]  # keys with the same score in every row
     q[:, :, T // 10:T // 5] = 0  # every score ties
     qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
-    _, _, t, tj = threshold.threshold_fwd(q, k, v, topk, False, None, d ** -0.5)  # the selection, read back
+    _, _, t, tj, _ = threshold.threshold_fwd(q, k, v, topk, False, None, d ** -0.5)  # the selection, read back
     out = topk_attention_triton(qt, kt, vt, topk, False)
     dout = torch.randn_like(out)
     out.backward(dout)
@@ -404,8 +404,9 @@ def main():
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--rep-ms", type=int, default=200)
     p.add_argument("--config", type=json.loads, default={}, help='CONFIG overrides, e.g. \'{"BM": 32}\'')
-    p.add_argument("--path", choices=["threshold", "sparse"], default="threshold",
-                   help="threshold kernels (threshold.py) or the sparse P/I kernels (chunk.py) for every T")
+    p.add_argument("--path", choices=["threshold", "threshold-sparse", "sparse"], default="threshold",
+                   help="threshold kernels (threshold.py), the threshold forward with the sparse backward, or the "
+                        "sparse P/I kernels (chunk.py), for every T")
     p.add_argument("--sweep", type=json.loads, default=[], help="list of CONFIG overrides to time at --sweep-T")
     p.add_argument("--sweep-T", type=int, default=8192)
     p.add_argument("--skip", nargs="*", default=[], help="sections to skip: correct full timing extra stats sweep")
@@ -414,15 +415,17 @@ def main():
     global ARGS
     ARGS = p.parse_args()
     os.makedirs(ARGS.out, exist_ok=True)
-    function.THRESHOLD_MAX_T = 1 << 62 if ARGS.path == "threshold" else 0
-    (threshold.CONFIG if ARGS.path == "threshold" else chunk.CONFIG).update(ARGS.config)
+    function.THRESHOLD_MAX_T = 0 if ARGS.path == "sparse" else 1 << 62
+    threshold.CONFIG["sparse_bwd_T"] = 0 if ARGS.path == "threshold-sparse" else 1 << 62
+    ARGS.kernels = "sparse" if ARGS.path == "sparse" else "threshold"  # whose CONFIG --config and --sweep set
+    (threshold.CONFIG if ARGS.kernels == "threshold" else chunk.CONFIG).update(ARGS.config)
     try:
         topk_sig = str(inspect.signature(tl.topk.fn)) if hasattr(tl, "topk") else None
     except Exception as e:
         topk_sig = repr(e)
     name = torch.cuda.get_device_properties(0).name if DEV == "cuda" else "cpu (dry run)"
     log(f"torch {torch.__version__} triton {triton.__version__} {name} tl.topk={topk_sig} path={ARGS.path} "
-        f"CONFIG={threshold.CONFIG if ARGS.path == 'threshold' else chunk.CONFIG}")
+        f"CONFIG={threshold.CONFIG if ARGS.kernels == 'threshold' else chunk.CONFIG}")
     B, H, D, K = ARGS.B, ARGS.H, ARGS.D, ARGS.topk
     if ARGS.dry_run:
         chunk.CONFIG.update(BM=16, BN=16, CAP=32, BS=16, KC=4, BMB=16)
@@ -452,20 +455,20 @@ def main():
             check_case(2, 2, 1000, 1000, D, torch.bfloat16, 128, True, False),
             tie_case(torch.bfloat16, **ties), tie_case(torch.float32, **ties),
         ])
-    if "stats" not in ARGS.skip and ARGS.path == "threshold":
+    if "stats" not in ARGS.skip and ARGS.kernels == "threshold":
         section("stats", lambda: [sel_stats(B, H, T, D, K) for T in ARGS.T] + [score_bits(
             B, 2, min(ARGS.T), D, [{"BN": 64}, {"BN": 32}, {"BM_sel": 128}, {"sel_warps": 4}, {"BM_sel": 128,
                                                                                               "BN": 64}])])
     if ARGS.sweep and "sweep" not in ARGS.skip:
         section("sweep", lambda: sweep(B, H, ARGS.sweep_T, D, K, ARGS.rep_ms, ARGS.sweep))
 
-    if ARGS.path == "threshold" and not ARGS.dry_run:
+    if ARGS.kernels == "threshold" and not ARGS.dry_run:
         RESULTS["smem"] = kernel_smem()
         log(f"shared memory per block (bytes, the JIT's compiled variants): {RESULTS['smem']}; guard "
             f"function.THRESHOLD_SMEM = {function.THRESHOLD_SMEM}"
             + (" EXCEEDED" if max(RESULTS["smem"].values(), default=0) > function.THRESHOLD_SMEM else ""))
     with open(os.path.join(ARGS.out, f"{ARGS.name}.json"), "w") as f:
-        json.dump(dict(path=ARGS.path, config=threshold.CONFIG if ARGS.path == "threshold" else chunk.CONFIG,
+        json.dump(dict(path=ARGS.path, config=threshold.CONFIG if ARGS.kernels == "threshold" else chunk.CONFIG,
                        results=RESULTS, log=LINES), f, indent=1, default=str)
     log("\n== summary ==")
     n_ok = sum(r["passed"] for r in RESULTS["correct"] + RESULTS["full"])

@@ -36,12 +36,14 @@ def small_tiles(monkeypatch):
 
 def use_path(monkeypatch, name):
     """Send topk_attention_triton down one algorithm for every T: threshold, threshold-atomic (the threshold kernels
-    with dq by atomics, CONFIG["atomic_dq"]) or sparse."""
+    with dq by atomics, CONFIG["atomic_dq"]), threshold-sparse (the threshold forward, the sparse backward from the
+    P and I it stores) or sparse."""
     monkeypatch.setattr(function, "THRESHOLD_MAX_T", 0 if name == "sparse" else 1 << 62)
+    monkeypatch.setitem(threshold.CONFIG, "sparse_bwd_T", 0 if name == "threshold-sparse" else 1 << 62)
     monkeypatch.setitem(threshold.CONFIG, "atomic_dq", name == "threshold-atomic")
 
 
-@pytest.fixture(params=["threshold", "threshold-atomic", "sparse"])
+@pytest.fixture(params=["threshold", "threshold-atomic", "threshold-sparse", "sparse"])
 def path(request, monkeypatch):
     """Which algorithm topk_attention_triton takes (for every T)."""
     use_path(monkeypatch, request.param)
@@ -226,7 +228,7 @@ def test_threshold_ties_split_by_key_index(dtype):
     q[:, :, :6] = 0
     k[:, :, 20:30] = k[:, :, 10:11]
     topk, scale = 4, 0.25
-    _, _, t, tj = threshold.threshold_fwd(q, k, v, topk, False, None, scale)
+    _, _, t, tj, _ = threshold.threshold_fwd(q, k, v, topk, False, None, scale)
     assert (tj > 0).sum() >= 6  # the tie split really ran
     qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
     out = function.topk_attention_triton(qt, kt, vt, topk, False, scale=scale)
@@ -260,12 +262,44 @@ def test_threshold_tie_at_zero():
     k[..., pos, 0] = 0.5 + torch.rand(15, generator=g)
     k[..., zero, :] = 0
     v = torch.randn(1, 1, 40, 16, generator=g)
-    out, _, t, tj = threshold.threshold_fwd(q, k, v, 20, False, None, 0.25)
+    out, _, t, tj, _ = threshold.threshold_fwd(q, k, v, 20, False, None, 0.25)
     assert (t == 0).all() and (tj == 34).all()  # zeros 24, 25, 26, 32, 33 complete the top 20
     s = q.double() @ k.double().transpose(-1, -2)
     keep = threshold_keep(s, t, tj)
     assert (keep.sum(-1) == 20).all() and keep[..., [24, 25, 26, 32, 33]].all()
     assert rel(out, attention_over(s * 0.25, keep, v.double())) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_threshold_indices_are_the_selection(monkeypatch, dtype, causal):
+    """indices=True: the masked forward also gives each row's selected keys for the sparse backward (through its
+    per-tile bit masks, threshold._decode_kernel). I holds exactly the keys of (t, tj) (ties split as the mask
+    splits them; in any order), and a row with fewer than k visible keys (padding; causal rows near the start)
+    ends in -1. Key tiles of 32 (two mask words) and 64 (three); the output is the same, bit for bit, as without
+    indices."""
+    q, k, v, _ = inputs(2, 1, 70, 70, seed=9, dtype=dtype)
+    q[:, :, :6] = 0                      # every score ties
+    k[:, :, 20:30] = k[:, :, 10:11]      # ties at the k-th score
+    kpm = None
+    if not causal:
+        kpm = torch.zeros(2, 70, dtype=torch.bool)
+        kpm[1, 3:] = True                # 3 visible keys < k
+    topk, scale = 30, 0.25
+    s = q.double() @ k.double().transpose(-1, -2)
+    vis = torch.ones(70, 70, dtype=torch.bool).tril() if causal else ~kpm[:, None, None, :]
+    for bn in (32, 64):
+        monkeypatch.setitem(threshold.CONFIG, "BN_fwd", bn)
+        out, _, t, tj, I = threshold.threshold_fwd(q, k, v, topk, causal, kpm, scale, indices=True)
+        assert (tj > 0).any()  # the tie split really ran
+        keep = threshold_keep(s, t, tj) & vis
+        n = keep.sum(-1, keepdim=True)
+        assert (n == vis.sum(-1, keepdim=True).clamp(max=topk)).all() and (n < topk).any()
+        want = torch.where(keep, torch.arange(70).expand_as(keep), 1 << 30).sort(-1).values[..., :topk]
+        got = torch.where(I < 0, 1 << 30, I).sort(-1).values  # key order, the empty slots last
+        assert torch.equal(got.long(), want)
+        assert ((I < 0).sum(-1, keepdim=True) == topk - n).all()
+        assert torch.equal(out, threshold.threshold_fwd(q, k, v, topk, causal, kpm, scale)[0])
 
 
 def test_compiles_for_hopper(monkeypatch):
@@ -281,7 +315,7 @@ def test_compiles_for_hopper(monkeypatch):
     q, k, v, kpm = inputs(1, 1, 65, 65, d=64, dv=64, dtype=torch.bfloat16, seed=16, pad=True)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     launches = record_launches(monkeypatch)
-    for path in ("threshold", "threshold-atomic", "sparse"):
+    for path in ("threshold", "threshold-atomic", "threshold-sparse", "sparse"):
         use_path(monkeypatch, path)
         function.topk_attention_triton(q, k, v, 64, True, key_padding_mask=kpm).float().sum().backward()
         function.topk_attention_triton(q, k, v, 64, False).float().sum().backward()
@@ -317,12 +351,14 @@ def test_threshold_atomic_dq_not_when_deterministic(monkeypatch):
 
 
 def test_threshold_op_passes_opcheck():
-    """The threshold kernels' custom op: schema, fake implementation (shapes and dtypes of out, lse, t, tj) and
-    autograd registration, as torch.compile relies on them (causal with padding, and bidirectional)."""
+    """The threshold kernels' custom op: schema, fake implementation (shapes and dtypes of out, lse, t, tj, I)
+    and autograd registration, as torch.compile relies on them (causal with padding, and bidirectional; the dense
+    masked backward and the sparse one)."""
     q, k, v, kpm = inputs(2, 1, 9, 9, seed=12, pad=True)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(function.topk_threshold_fwd, (q, k, v, kpm, 3, True, 0.25))
-    torch.library.opcheck(function.topk_threshold_fwd, (q, k, v, None, 4, False, 0.25))
+    for sparse_bwd in (False, True):
+        torch.library.opcheck(function.topk_threshold_fwd, (q, k, v, kpm, 3, True, 0.25, sparse_bwd))
+        torch.library.opcheck(function.topk_threshold_fwd, (q, k, v, None, 4, False, 0.25, sparse_bwd))
 
 
 def test_threshold_top_k_in_one_group():

@@ -42,7 +42,7 @@ from ..fit import fit_topk, smem_limit
 # row (>= 2k), BS rows per selection step; BMB / BMG query rows and KC slots per step of the backward / output
 # gather. fast: the GPU-only sweep 2 (see _candidates). Tuned on an H100 by bench/check_topk_gpu.py (NOTES.md).
 CONFIG = {"BM": 64, "BN": 128, "CAP": 128, "BS": 16, "fwd_warps": 4, "fwd_stages": 2, "progs_per_sm": 2,
-          "BMB": 16, "KC": 4, "bwd_warps": 8, "BMG": 16, "out_warps": 4, "fast": True}
+          "BMB": 16, "KC": 4, "bwd_warps": 4, "BMG": 16, "out_warps": 4, "fast": True}
 MAX_TOPK = 128  # larger k: the chunked PyTorch path
 HAS_TOPK = hasattr(tl, "topk")
 SENT = tl.constexpr(-(2 ** 63))  # packed key below every real candidate: an empty slot
@@ -305,11 +305,13 @@ def _out_kernel(V, P, I, O, T, H, DV, svb, svh, svt, sob, soh, sot,
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, O, DO, P, I, DQ, DK_, DV_, T, S, H, DK, DV, scale,
+def _bwd_kernel(Q, K, V, O, DO, P, I, DQ, DK_, DV_, T, S, H, DK, DV, scale, qk2,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdb, sdh, sdt,
-                KK: tl.constexpr, BMB: tl.constexpr, KC: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr):
+                KK: tl.constexpr, BMB: tl.constexpr, KC: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
+                FROM_LSE: tl.constexpr):
     """dQ for BMB query rows; dK, dV (float32, contiguous (B, H, S, DK / DV)) by atomic adds into the k selected
-    key rows of each query."""
+    key rows of each query. FROM_LSE: P holds each row's base-2 log-sum-exp (B, H, T) instead of its weights
+    (threshold.py's forward), and the weights are exp2(q . k_j * qk2 - lse) of the gathered keys."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -331,14 +333,19 @@ def _bwd_kernel(Q, K, V, O, DO, P, I, DQ, DK_, DV_, T, S, H, DK, DV, scale,
     DV_ += bh.to(tl.int64) * S * DV
     dq = tl.zeros([BMB, DP], dtype=tl.float32)
     PI = bh.to(tl.int64) * T * KK
+    if FROM_LSE:
+        lse = tl.load(P + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
     for c0 in range(0, KK, KC):
         cs = c0 + tl.arange(0, KC)
         lm = rmask[:, None] & (cs[None, :] < KK)
         ii = tl.load(I + PI + rows[:, None] * KK + cs[None, :], mask=lm, other=-1)
-        pp = tl.load(P + PI + rows[:, None] * KK + cs[None, :], mask=lm, other=0.0)
         ok = ii >= 0
         kj = tl.load(Kb + ii[:, :, None] * skt + cd[None, None, :],
                      mask=ok[:, :, None] & (cd[None, None, :] < DK), other=0.0).to(tl.float32)
+        if FROM_LSE:
+            pp = tl.where(ok, tl.exp2(tl.sum(q[:, None, :] * kj, 2) * qk2 - lse[:, None]), 0.0)
+        else:
+            pp = tl.load(P + PI + rows[:, None] * KK + cs[None, :], mask=lm, other=0.0)
         vj = tl.load(Vb + ii[:, :, None] * svt + dv[None, None, :],
                      mask=ok[:, :, None] & (dv[None, None, :] < DV), other=0.0).to(tl.float32)
         dp = tl.sum(do[:, None, :] * vj, 2)
@@ -409,18 +416,20 @@ def topk_fwd(q, k, v, topk, causal, key_padding_mask, scale):
 
 
 def topk_bwd(q, k, v, out, dout, P, I, scale):
-    """Gradients of topk_fwd's output; dq in q's dtype, dk/dv accumulated in float32 then cast."""
+    """Gradients of topk_fwd's output, or of threshold_fwd's from its I and log-sum-exp (P (B, H, T): the weights
+    are then recomputed from the gathered keys). dq, dk, dv in the dtypes and layouts of q, k, v (any strides with
+    a unit last one, as out and dout); dk, dv accumulated in float32."""
     B, H, T, DK = q.shape
     S, DV = k.shape[2], v.shape[3]
-    topk = P.shape[-1]
-    dout = dout.contiguous()
+    topk = I.shape[-1]
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dq = torch.empty_like(q)
     dk = torch.zeros(B, H, S, DK, dtype=torch.float32, device=q.device)
     dv = torch.zeros(B, H, S, DV, dtype=torch.float32, device=q.device)
     BMB = CONFIG["BMB"]
     _bwd_kernel[(triton.cdiv(T, BMB), B * H)](
-        q, k, v, out, dout, P, I, dq, dk, dv, T, S, H, DK, DV, scale,
+        q, k, v, out, dout, P, I, dq, dk, dv, T, S, H, DK, DV, scale, scale * 1.4426950408889634,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3],
         KK=topk, BMB=BMB, KC=min(CONFIG["KC"], triton.next_power_of_2(topk)), DP=_pow2(DK, 1),
-        DVP=_pow2(DV, 1), num_warps=CONFIG["bwd_warps"])
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+        DVP=_pow2(DV, 1), FROM_LSE=P.dim() == 3, num_warps=CONFIG["bwd_warps"])
+    return dq, torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)

@@ -18,6 +18,7 @@ import torch
 from .. import eager_or_compiled
 from ..fit import smem_limit
 from .chunk import MAX_TOPK, topk_bwd, topk_fwd
+from . import threshold
 from .threshold import empty_out, heads_layout, threshold_bwd, threshold_fwd
 from .reference import check_args
 
@@ -57,8 +58,7 @@ def _(q, k, v, key_padding_mask, topk, causal, scale):
 
 def _topk_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
                   P: torch.Tensor, I: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = topk_bwd(q, k, v, out, dout, P, I, scale)
-    return dq.contiguous(), dk, dv
+    return topk_bwd(q, k, v, out, dout, P, I, scale)
 
 
 topk_attn_bwd = torch.library.custom_op("attnlab::topk_attn_bwd", _topk_attn_bwd, mutates_args=())
@@ -66,7 +66,7 @@ topk_attn_bwd = torch.library.custom_op("attnlab::topk_attn_bwd", _topk_attn_bwd
 
 @topk_attn_bwd.register_fake
 def _(q, k, v, out, dout, P, I, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k), torch.empty_like(v)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
@@ -89,20 +89,21 @@ _topk_attn = eager_or_compiled(topk_attn_fwd, _topk_attn_fwd, _setup, _backward(
 
 
 def _topk_threshold_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                        topk: int, causal: bool, scale: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, t, tj): see threshold.threshold_fwd."""
-    return threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale)
+                        topk: int, causal: bool, scale: float, sparse_bwd: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, t, tj, I): see threshold.threshold_fwd (I empty unless sparse_bwd)."""
+    return threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, indices=sparse_bwd)
 
 
 topk_threshold_fwd = torch.library.custom_op("attnlab::topk_threshold_fwd", _topk_threshold_fwd, mutates_args=())
 
 
 @topk_threshold_fwd.register_fake
-def _(q, k, v, key_padding_mask, topk, causal, scale):
+def _(q, k, v, key_padding_mask, topk, causal, scale, sparse_bwd):
     B, H, T, _ = q.shape
     row = q.new_empty(B, H, T, dtype=torch.float32)
-    return empty_out(q, v.shape[3]), row, torch.empty_like(row), row.new_empty(B, H, T, dtype=torch.int32)
+    return (empty_out(q, v.shape[3]), row, torch.empty_like(row), row.new_empty(B, H, T, dtype=torch.int32),
+            row.new_empty(B, H, T if sparse_bwd else 0, topk, dtype=torch.int32))
 
 
 def _topk_threshold_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
@@ -120,23 +121,36 @@ def _(q, k, v, out, dout, lse, t, tj, key_padding_mask, causal, scale):
 
 
 def _threshold_setup(ctx, inputs, output):
-    q, k, v, kpm, _, causal, scale = inputs
-    out, lse, t, tj = output
-    ctx.save_for_backward(q, k, v, out, lse, t, tj, kpm)
-    ctx.causal, ctx.scale = causal, scale
+    q, k, v, kpm, _, causal, scale, sparse_bwd = inputs
+    out, lse, t, tj, I = output
+    ctx.save_for_backward(q, k, v, out, lse, t, tj, kpm, I)
+    ctx.causal, ctx.scale, ctx.sparse_bwd = causal, scale, sparse_bwd
 
 
-def _threshold_backward(bwd):
+def _threshold_backward(bwd, sparse_bwd):
     def backward(ctx, dout, *_):
-        q, k, v, out, lse, t, tj, kpm = ctx.saved_tensors
-        dq, dk, dv = bwd(q, k, v, out, dout, lse, t, tj, kpm, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, out, lse, t, tj, kpm, I = ctx.saved_tensors
+        if ctx.sparse_bwd:  # the weights from the log-sum-exp (chunk.topk_bwd)
+            dq, dk, dv = sparse_bwd(q, k, v, out, dout, lse, I, ctx.scale)
+        else:
+            dq, dk, dv = bwd(q, k, v, out, dout, lse, t, tj, kpm, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
     return backward
 
 
-topk_threshold_fwd.register_autograd(_threshold_backward(topk_threshold_bwd), setup_context=_threshold_setup)
+topk_threshold_fwd.register_autograd(_threshold_backward(topk_threshold_bwd, topk_attn_bwd),
+                                     setup_context=_threshold_setup)
 _topk_threshold = eager_or_compiled(topk_threshold_fwd, _topk_threshold_fwd, _threshold_setup,
-                                    _threshold_backward(_topk_threshold_bwd))
+                                    _threshold_backward(_topk_threshold_bwd, _topk_attn_bwd))
+
+
+def takes_sparse_bwd(T: int, *inputs) -> bool:
+    """Whether the threshold forward also finds each row's key indices for the sparse backward (chunk.topk_bwd): from
+    threshold.CONFIG["sparse_bwd_T"] query rows, when a gradient will be taken, and not under
+    torch.use_deterministic_algorithms (it adds dK, dV with float32 atomics; the dense masked backward is
+    deterministic)."""
+    return (T >= threshold.CONFIG["sparse_bwd_T"] and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def topk_attention_triton(q, k, v, topk: int, causal: bool, key_padding_mask=None, chunk_size: int = 1024,
@@ -164,6 +178,6 @@ def topk_attention_triton(q, k, v, topk: int, causal: bool, key_padding_mask=Non
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
     if takes_threshold(q.shape[2], q.shape[-1], v.shape[-1], q.device):  # the model's split heads need no copy
         return _topk_threshold(heads_layout(q), heads_layout(k), heads_layout(v), key_padding_mask, kk, causal,
-                               scale)[0]
+                               scale, takes_sparse_bwd(q.shape[2], q, k, v))[0]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _topk_attn(q, k, v, key_padding_mask, kk, causal, scale)[0]

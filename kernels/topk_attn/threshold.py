@@ -49,12 +49,14 @@ from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
 # score's bits do not depend on the tile shape, see the module docstring).
 # SEL_BITS: at most that many bisection steps for L (fewer: a lower L, more for R to remove); a row's bisection
 # stops at <= k + slack kept scores >= L; R pops at most `pops` scores per sweep. atomic_dq: the dk/dv kernel adds
-# dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). stages: pipeline
+# dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). sparse_bwd_T: from
+# that many query rows the forward also finds each row's key indices and the sparse O(T k) backward (chunk.py) runs
+# instead of the dense masked one (function.takes_sparse_bwd); BR_dec rows per program decode them. stages: pipeline
 # stages of the selection and forward kernels, bwd_stages of the backward ones (float32 inputs: at most 2, _stages).
 # Tuned on an H200 (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 8, "stages": 3, "bwd_warps": 8,
           "bwd_stages": 3, "BN_fwd": 64, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
-          "pops": 8, "keep_A": 4, "atomic_dq": False}
+          "pops": 8, "keep_A": 4, "atomic_dq": False, "sparse_bwd_T": 16384, "BR_dec": 16}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 LOG2E = 1.4426950408889634
@@ -303,13 +305,31 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, T, S, H, DK, DV, off, qk2, NM,
+def _store_where(ptr, x, m):
+    """st.global of x (int32) to ptr where m, as inline PTX: the store stays in x's register layout (tl.store would
+    move values, pointers and masks to another layout through shared memory first, behind barriers)."""
+    return tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
+                                     "=r,l,r,r", [ptr.to(tl.int64), x, m.to(tl.int32)], dtype=tl.int32, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, qk2, NM,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb,
                 BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KK: tl.constexpr,
+                MASKS: tl.constexpr, PORTABLE: tl.constexpr):
     """Sweep F, the masked forward: out = sum p v / sum p with p = exp(scale (s - max)) where selected. The row max
     is selected (k >= 1), so p <= 1 (to rounding) and sum p >= 1 on a non-empty row. Stores out and the base-2
-    log-sum-exp of the selected scaled scores (LSE; qk2 = scale * log2(e))."""
+    log-sum-exp of the selected scaled scores (LSE; qk2 = scale * log2(e)).
+    MASKS: also each row's selection as a list of (first key of a tile, its selected keys as a bit mask in words of
+    24 bits) for the key tiles where it selects any, at most KK (E: (B * H * T, KK, 1 + NW) int32) and their
+    number (NE: (B * H * T,)); _decode_kernel turns them into key indices for the sparse backward. The masks come
+    off the tensor cores: the 0/1 selection tile times W (W[j, w] = 2^(j - 24 w) for the keys j of word w) sums
+    distinct powers of two, exact in float32, on bfloat16 tiles; a row's entry is stored by inline PTX in the dot's
+    register layout (_store_where). PORTABLE (the interpreter): float32 tiles, as its bfloat16 dot is not exact,
+    and tl.store. Per-score stores instead (a slot per selected score, from a prefix
+    count or an atomic count) doubled the loop's instructions or its time (NOTES.md, session 12)."""
     bh, b, h, m0 = _tile_ids(NM, BM, H)
     rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
                                                 BM, DP, CAUSAL, UPCAST)
@@ -322,20 +342,92 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, T, S, H, DK, DV, off, qk2, NM,
     mq = mx * qk2
     acc = tl.zeros([BM, DVP], dtype=tl.float32)
     den = tl.zeros([BM], dtype=tl.float32)
+    ne = tl.zeros([BM], dtype=tl.int32)
+    NW: tl.constexpr = (BN + 23) // 24
+    cw = tl.arange(0, 16)
+    jw = tl.arange(0, BN)[:, None] - 24 * cw[None, :]
+    W = tl.where((jw >= 0) & (jw < 24), (1 << tl.minimum(tl.maximum(jw, 0), 23)).to(tl.float32), 0.0)
+    if not PORTABLE:
+        W = W.to(tl.bfloat16)
     for n0 in range(0, n_end, BN):
         s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         cols = n0 + tl.arange(0, BN)
-        p = tl.where(s > _cut(cols, t, tj), tl.exp2(s * qk2 - mq[:, None]), 0.0)
+        sel = s > _cut(cols, t, tj)
+        p = tl.where(sel, tl.exp2(s * qk2 - mq[:, None]), 0.0)
         den += tl.sum(p, 1)
         v = tl.load(Vb + cols[:, None] * svt + dv[None, :], mask=(cols[:, None] < S) & (dv[None, :] < DV), other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        if MASKS:
+            c = tl.where(sel, 1.0, 0.0)
+            if not PORTABLE:
+                c = c.to(tl.bfloat16)
+            w = tl.dot(c, W, input_precision="ieee").to(tl.int32)
+            hit = (tl.max(w, 1) > 0) & rmask
+            # the entry (n0, words): word i from column i of w, n0 from column NW (a column of zeros)
+            col = cw[None, :] + 0 * w
+            ptr = (E + (r * KK + ne) * (1 + NW))[:, None] + tl.where(col < NW, 1 + col, 0)
+            val = tl.where(col < NW, w, n0)
+            st = (hit & (ne < KK))[:, None] & (col <= NW)
+            if PORTABLE:
+                tl.store(ptr, val, mask=st)
+            else:
+                _store_where(ptr, val, st)
+            ne += hit.to(tl.int32)
     live = den > 0
     out = acc / tl.where(live, den, 1.0)[:, None]
     tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None] * sot + dv[None, :], out.to(O.dtype.element_ty),
              mask=rmask[:, None] & (dv[None, :] < DV))
     tl.store(LSE + r, tl.where(live, mq + tl.log2(tl.where(live, den, 1.0)), 0.0), mask=rmask)
+    if MASKS:
+        tl.store(NE + r, tl.minimum(ne, KK), mask=rmask)
+
+
+@triton.jit
+def _popcount(x):
+    """Set bits of each int32 x < 2^24 (SWAR)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    return (((x + (x >> 4)) & 0x0F0F0F0F) * 0x01010101) >> 24
+
+
+@triton.jit
+def _decode_kernel(E, NE, I, BH, T, KK: tl.constexpr, KP: tl.constexpr, NW: tl.constexpr, BR: tl.constexpr,
+                   PORTABLE: tl.constexpr):
+    """The key indices of BR rows' selections from _fwd_kernel's (tile, mask words) lists: I (B * H * T, KK)
+    int32, the keys of a row in no particular order, -1 in the slots a row with fewer than KK keys leaves. Each
+    list entry's keys go to the slots after the popcounts of the entries before it; then each mask word gives up
+    its lowest set bit per step, in as many steps as the most bits a word of the tile holds (about 1 to 5 at
+    T = 16384, where a row selects 64 of ~8k keys: walking all 24 bits took 4 times longer)."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rm = r < BH * T
+    ce = tl.arange(0, KP)
+    ne = tl.load(NE + r, mask=rm, other=0)
+    em = rm[:, None] & (ce[None, :] < ne[:, None])
+    e = E + (r[:, None] * KK + ce[None, :]) * (1 + NW)
+    n0 = tl.load(e, mask=em, other=0)
+    cnt = tl.zeros([BR, KP], dtype=tl.int32)
+    for w in tl.static_range(NW):
+        cnt += _popcount(tl.load(e + 1 + w, mask=em, other=0))
+    slot = tl.cumsum(cnt, 1) - cnt
+    out = I + r[:, None] * KK
+    for w in tl.static_range(NW):
+        x = tl.load(e + 1 + w, mask=em, other=0)
+        for _ in range(tl.max(tl.max(_popcount(x), 1), 0)):
+            low = x & -x
+            on = (low != 0) & (slot < KK)
+            # the bit's index: the exponent of low (a power of two < 2^24) as a float32
+            j = n0 + 24 * w + ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127)
+            if PORTABLE:
+                tl.store(out + slot, j, mask=on)
+            else:
+                _store_where(out + slot, j, on)
+            slot += (low != 0).to(tl.int32)
+            x = x ^ low
+    total = tl.sum(cnt, 1)
+    tl.store(out + ce[None, :], tl.full([BR, KP], -1, tl.int32), mask=rm[:, None] & (ce[None, :] >= total[:, None])
+             & (ce[None, :] < KK))
 
 
 @triton.jit
@@ -478,16 +570,23 @@ def _common(q, k, key_padding_mask):
     return kpm, upcast, prec
 
 
-def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None):
+def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None, indices=False):
     """q (B, H, T, d), k (B, H, S, d), v (B, H, S, dv), each in a heads_layout; 1 <= topk (= min(topk, S)).
-    Returns out (B, H, T, dv) in q's dtype (empty_out's layout), and per row (B, H, T) the base-2 log-sum-exp
-    (float32) and the threshold (t float32, tj int32) the backward needs. stats: see selection_stats."""
+    Returns out (B, H, T, dv) in q's dtype (empty_out's layout), per row (B, H, T) the base-2 log-sum-exp
+    (float32) and the threshold (t float32, tj int32) the backward needs, and I (B, H, T, topk) int32: with
+    `indices`, each row's selected keys for the sparse backward (chunk.topk_bwd; in no particular order, -1 in
+    the slots of a row with fewer visible keys), else (B, H, 0, topk). stats: see selection_stats."""
     B, H, T, DK = q.shape
     S, DV = k.shape[2], v.shape[3]
-    BM, BMS = CONFIG["BM"], CONFIG["BM_sel"]
+    BM, BMS, BN = CONFIG["BM"], CONFIG["BM_sel"], CONFIG["BN_fwd"]
     out = empty_out(q, DV)
     mx, lse, tt = (torch.empty(B, H, T, dtype=torch.float32, device=q.device) for _ in range(3))
     tj = torch.empty(B, H, T, dtype=torch.int32, device=q.device)
+    I = torch.empty(B, H, T if indices else 0, topk, dtype=torch.int32, device=q.device)
+    NW = triton.cdiv(BN, 24)
+    # the forward's mask lists (see _fwd_kernel), decoded into I below
+    ent = torch.empty(B * H * T if indices else 0, topk, 1 + NW, dtype=torch.int32, device=q.device)
+    ne = torch.empty(ent.shape[0], dtype=torch.int32, device=q.device)
     kpm, upcast, prec = _common(q, k, key_padding_mask)
     meta = dict(DP=_pow2(DK), CAUSAL=causal, HAS_PAD=key_padding_mask is not None, PREC=prec, UPCAST=upcast,
                 num_stages=_stages("stages", q))
@@ -499,13 +598,18 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None):
         POPS=CONFIG["pops"], KEEP_A=CONFIG["keep_A"], WITH_STATS=stats is not None, STOP=stop,
         num_warps=CONFIG["sel_warps"], **meta)
     if stop:
-        return out, lse, tt, tj
+        return out, lse, tt, tj, I
     NM = triton.cdiv(T, BM)
     _fwd_kernel[(NM, B * H)](
-        q, k, v, kpm, mx, tt, tj, out, lse, T, S, H, DK, DV, S - T, scale * LOG2E, NM,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], kpm.stride(0),
-        BM=BM, BN=CONFIG["BN_fwd"], DVP=_pow2(DV), num_warps=CONFIG["warps"], **meta)
-    return out, lse, tt, tj
+        q, k, v, kpm, mx, tt, tj, out, lse, ent if indices else tj, ne if indices else tj, T, S, H, DK, DV, S - T,
+        scale * LOG2E, NM, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], kpm.stride(0),
+        BM=BM, BN=BN, DVP=_pow2(DV), KK=topk, MASKS=indices, PORTABLE=not q.is_cuda,
+        num_warps=CONFIG["warps"], **meta)
+    if indices:
+        BR = CONFIG["BR_dec"]
+        _decode_kernel[(triton.cdiv(B * H * T, BR),)](ent, ne, I, B * H, T, KK=topk, KP=_pow2(topk, 1), NW=NW,
+                                                       BR=BR, PORTABLE=not q.is_cuda)
+    return out, lse, tt, tj, I
 
 
 def selection_stats(q, k, v, topk, causal, key_padding_mask=None, scale=1.0):
