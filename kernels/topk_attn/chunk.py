@@ -109,15 +109,12 @@ def _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
 
 
 @triton.jit
-def _store_pair(ptr, s, j, m):
-    """st.global of (score bits, key) to ptr, ptr + 4 bytes where m: inline PTX, so the scattered store stays in
-    the score tile's register layout (tl.store would first move values, masks and pointers into a 'coalesced'
-    layout through shared memory, several times per tile)."""
+def _store_where(ptr, x, m):
+    """st.global of x (int32) to ptr where m, as inline PTX: the store stays in x's register layout (tl.store would
+    first move values, masks and pointers into a 'coalesced' layout through shared memory, behind barriers)."""
     return tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.s32 p, $4, 0; @p st.global.b32 [$1], $2; @p st.global.b32 [$1+4], $3; "
-        "mov.b32 $0, 0; }",
-        "=r,l,r,r,r", [ptr.to(tl.int64), s.to(tl.int32, bitcast=True), j, m.to(tl.int32)],
-        dtype=tl.int32, is_pure=False, pack=1)
+        "{ .reg .pred p; setp.ne.s32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
+        "=r,l,r,r", [ptr.to(tl.int64), x, m.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -145,8 +142,9 @@ def _candidates(q, K, KPM, SC, U, ts, tj, lex, rows, rl, m0, n_end, off, S, DK, 
         st = c & (pos < CAP)
         ptr = SC + (rl[:, None] * CAP + pos) * 2
         jj = cols[None, :] + 0 * pos
-        if FAST:
-            _store_pair(ptr, s, jj, st)
+        if FAST:  # (score bits, key) pairs
+            _store_where(ptr, s.to(tl.int32, bitcast=True), st)
+            _store_where(ptr + 1, jj, st)
         else:
             tl.store(ptr, s.to(tl.int32, bitcast=True), mask=st)
             tl.store(ptr + 1, jj, mask=st)

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _tile_scores
+from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _store_where, _tile_scores
 
 # BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN keys per
 # selection tile (= the number of groups; keep_A * BN >= k, or the bound is -inf and R counts all; keep_A: the
@@ -302,15 +302,6 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
         tl.store(st, steps)
         tl.store(st + 1, sweeps)
         tl.store(st + 2, tsweeps)
-
-
-@triton.jit
-def _store_where(ptr, x, m):
-    """st.global of x (int32) to ptr where m, as inline PTX: the store stays in x's register layout (tl.store would
-    move values, pointers and masks to another layout through shared memory first, behind barriers)."""
-    return tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
-                                     "=r,l,r,r", [ptr.to(tl.int64), x, m.to(tl.int32)], dtype=tl.int32, is_pure=False,
-                                     pack=1)
 
 
 @triton.jit
