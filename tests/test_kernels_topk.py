@@ -302,6 +302,23 @@ def test_threshold_indices_are_the_selection(monkeypatch, dtype, causal):
         assert torch.equal(out, threshold.threshold_fwd(q, k, v, topk, causal, kpm, scale)[0])
 
 
+def test_sparse_backward_only_where_it_pays(monkeypatch):
+    """The threshold forward finds key indices for the sparse backward only from CONFIG["sparse_bwd_T"] query rows,
+    when a gradient will be taken, and not under torch.use_deterministic_algorithms (the sparse backward adds dK,
+    dV with float32 atomics, in a varying order)."""
+    monkeypatch.setitem(threshold.CONFIG, "sparse_bwd_T", 64)
+    q, k, v, _ = inputs(1, 1, 64, 64)
+    seen, real = [], function.threshold_fwd
+    monkeypatch.setattr(function, "threshold_fwd", lambda *a, **kw: seen.append(kw["indices"]) or real(*a, **kw))
+    function.topk_attention_triton(q, k, v, 4, True)                            # no gradient wanted
+    qg = q.clone().requires_grad_()
+    function.topk_attention_triton(qg, k, v, 4, True).sum().backward()           # a gradient, 64 rows
+    function.topk_attention_triton(qg[:, :, 1:], k, v, 4, True).sum().backward()  # 63 rows
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    function.topk_attention_triton(qg, k, v, 4, True).sum().backward()
+    assert seen == [False, True, False, False]
+
+
 def test_compiles_for_hopper(monkeypatch):
     """Every kernel launched by a bf16 call of the GPU's default tiles (d = 64, k = 64; causal with padding and
     bidirectional; threshold and sparse kernels, the sparse forward with its GPU-only inline-PTX sweep; and the
