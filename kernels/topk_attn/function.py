@@ -1,15 +1,18 @@
 """The fused Triton top-k attention kernels as custom ops with autograd, two algorithms for one function:
 
 * threshold.py: per query row a threshold found by counting sweeps, then flash-attention-style masked forward
-  and backward on the tensor cores. Saved for backward: q, k, v, the output and three numbers per row.
+  and backward on the tensor cores. Saved for backward: q, k, v, the output and three numbers per row. From
+  threshold.CONFIG["sparse_bwd_T"] rows (when a gradient is taken, and not under deterministic algorithms:
+  takes_sparse_bwd) the forward also finds each row's k key indices and chunk.py's sparse backward runs.
 * chunk.py (the sparse kernels): per row the top-k softmax weights P (float32) and key indices I (int32),
   O(T * k); the backward gathers the k keys and scatters into dK, dV with float32 atomics.
 
-Which one runs (measured on an H200, kernels/topk_attn/NOTES.md, sessions 9 to 11): the threshold kernels up to
+Which one runs (measured on an H200, kernels/topk_attn/NOTES.md, sessions 9 to 12): the threshold kernels up to
 THRESHOLD_MAX_T query rows (fwd+bwd at B8 H16 d64 k64: 5.8 ms against 17.6 for the sparse ones at T = 4096, 81
 against 98 at 16384, but 381 against 269 at 32768 in session 9, where the sparse backward's O(T k) gathers beat
-the dense masked one) and head dims up to THRESHOLD_MAX_D (the widths checked on the GPU; wider heads take the sparse
-kernels, whose tiles are fitted to the device's shared memory).
+the dense masked one: the reason for the sparse backward behind the threshold forward, 71 ms at 16384) and head
+dims up to THRESHOLD_MAX_D (the widths checked on the GPU; wider heads take the sparse kernels, whose tiles are
+fitted to the device's shared memory).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Top-k attention by per-row thresholds: masked flash-attention-style sweeps, no gather (Triton).
+"""Top-k attention by per-row thresholds: masked flash-attention-style sweeps on the tensor cores (Triton).
 
 The top-k set of a row is {j : (s_ij, -j) > (t_i, -tj_i)} for a threshold t_i (and, only when the k-th and
 (k+1)-th scores tie, a key index tj_i that splits the tied keys). Once t is known, the forward is flash attention
 with that mask, the row max already known, and the backward is flash attention's backward with the same mask:
-tensor-core tiles throughout, O(T) memory (t, tj and the log-sum-exp per row), deterministic (no atomics unless
-CONFIG["atomic_dq"]).
+tensor-core tiles throughout, O(T) memory (t, tj and the log-sum-exp per row; k key indices per row for the sparse
+backward at long T), deterministic up to CONFIG["sparse_bwd_T"] rows (no atomics unless CONFIG["atomic_dq"]).
 
 Finding t, per tile of BM query rows, in sweeps over the key tiles (s = raw dot q . k; scale > 0 keeps the order):
 
@@ -26,9 +26,14 @@ T. Only when the boundary is a tie (two keys with the k-th score): t = that scor
    the key index: #{s > t} + #{s == t, j < tj} = k. Ties break towards the smaller key index.
 F. The masked forward: p = exp(scale (s - max)) where selected, out = p v / sum p.
 
-Kernels: _select_kernel (A, R, T; BM_sel rows, register-heavy), _fwd_kernel (F), _bwd_dq_kernel, _bwd_dkdv_kernel
-(BM rows; with CONFIG["atomic_dq"] the dk/dv kernel also adds dq with float32 atomics and _delta_kernel replaces
-the dq kernel). All compute a score with the same code (_scores: one tensor-core dot over the head dim, in the same
+The backward is flash attention's with the same mask (dense, deterministic) up to CONFIG["sparse_bwd_T"] query
+rows; from there it is chunk.py's sparse O(T k) one, which gathers each row's k keys: F then also lists, per row,
+the key tiles where it selects any key with the tile's selection as a bit mask (the 0/1 selection tile times powers
+of two, on the tensor cores), and _decode_kernel turns the lists into key indices.
+
+Kernels: _select_kernel (A, R, T; BM_sel rows, register-heavy), _fwd_kernel (F), _decode_kernel, _bwd_dq_kernel,
+_bwd_dkdv_kernel (BM rows; with CONFIG["atomic_dq"] the dk/dv kernel also adds dq with float32 atomics and
+_delta_kernel replaces the dq kernel). All compute a score with the same code (_scores: one tensor-core dot over the head dim, in the same
 order), so they see the same bits whatever the tile shape; on an H200 the tie check (169 tie rows, selection
 BM_sel = 64 against BM = 128 elsewhere) confirmed it for the row tiles, and bench/check_topk_gpu.py's score_bits
 compares sweep A's row max, bit for bit, across key tiles 128 / 64 / 32, row tiles 64 / 128 and 4 / 8 warps.
