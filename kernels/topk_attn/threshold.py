@@ -34,9 +34,10 @@ of two, on the tensor cores), and _decode_kernel turns the lists into key indice
 Kernels: _select_kernel (A, R, T; BM_sel rows, register-heavy), _fwd_kernel (F), _decode_kernel, _bwd_dq_kernel,
 _bwd_dkdv_kernel (BM rows; with CONFIG["atomic_dq"] the dk/dv kernel also adds dq with float32 atomics and
 _delta_kernel replaces the dq kernel). All compute a score with the same code (_scores: one tensor-core dot over
-the head dim, in the same order), so they see the same bits whatever the tile shape; on an H200 the tie check (169
-tie rows, selection BM_sel = 64 against BM = 128 elsewhere) confirmed it for the row tiles, and bench/check_topk_gpu.py's score_bits
-compares sweep A's row max, bit for bit, across key tiles 128 / 64 / 32, row tiles 64 / 128 and 4 / 8 warps.
+the head dim, in the same order), so they see the same bits whatever the tile shape; on an H200 the tie check
+(169 tie rows, selection BM_sel = 64 against BM = 128 elsewhere) confirmed it for the row tiles, and
+bench/check_topk_gpu.py's score_bits compares sweep A's row max, bit for bit, across key tiles 128 / 64 / 32, row
+tiles 64 / 128 and 4 / 8 warps.
 Measured costs: kernels/topk_attn/NOTES.md.
 """
 from __future__ import annotations
