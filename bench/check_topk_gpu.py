@@ -405,8 +405,8 @@ def main():
     p.add_argument("--rep-ms", type=int, default=200)
     p.add_argument("--config", type=json.loads, default={}, help='CONFIG overrides, e.g. \'{"BM": 32}\'')
     p.add_argument("--path", choices=["threshold", "threshold-sparse", "sparse"], default="threshold",
-                   help="threshold kernels (threshold.py), the threshold forward with the sparse backward, or the "
-                        "sparse P/I kernels (chunk.py), for every T")
+                   help="threshold kernels (threshold.py; their backward as CONFIG['sparse_bwd_T'] picks), the "
+                        "threshold forward with the sparse backward, or the sparse P/I kernels (chunk.py), for every T")
     p.add_argument("--sweep", type=json.loads, default=[], help="list of CONFIG overrides to time at --sweep-T")
     p.add_argument("--sweep-T", type=int, default=8192)
     p.add_argument("--skip", nargs="*", default=[], help="sections to skip: correct full timing extra stats sweep")
@@ -416,7 +416,8 @@ def main():
     ARGS = p.parse_args()
     os.makedirs(ARGS.out, exist_ok=True)
     function.THRESHOLD_MAX_T = 0 if ARGS.path == "sparse" else 1 << 62
-    threshold.CONFIG["sparse_bwd_T"] = 0 if ARGS.path == "threshold-sparse" else 1 << 62
+    if ARGS.path == "threshold-sparse":  # else the default: the sparse backward from CONFIG["sparse_bwd_T"] rows
+        threshold.CONFIG["sparse_bwd_T"] = 0
     ARGS.kernels = "sparse" if ARGS.path == "sparse" else "threshold"  # whose CONFIG --config and --sweep set
     (threshold.CONFIG if ARGS.kernels == "threshold" else chunk.CONFIG).update(ARGS.config)
     try:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("poison")
 # small tiles: 8 groups, 16 candidate slots, 2 persistent programs (several tiles each)
 CFG = dict(BM=16, BN=8, CAP=16, BS=16, KC=4, BMB=16, progs_per_sm=1)
 # 8 groups: 24 kept scores per row in A; other key tiles in the forward and backward
-THRESHOLD_CFG = dict(BM=16, BM_sel=16, BN=8, BN_fwd=16, BN_dq=8, BM_kv=8, BN_kv=16)
+THRESHOLD_CFG = dict(BM=16, BM_sel=16, BN=8, BN_fwd=16, BN_idx=32, BN_dq=8, BM_kv=8, BN_kv=16)
 DEFAULT_CFG = {"chunk": dict(chunk.CONFIG), "threshold": dict(threshold.CONFIG)}  # the GPU's, before small_tiles
 
 
@@ -276,8 +276,8 @@ def test_threshold_indices_are_the_selection(monkeypatch, dtype, causal):
     """indices=True: the masked forward also gives each row's selected keys for the sparse backward (through its
     per-tile bit masks, threshold._decode_kernel). I holds exactly the keys of (t, tj) (ties split as the mask
     splits them; in any order), and a row with fewer than k visible keys (padding; causal rows near the start)
-    ends in -1. Key tiles of 32 (two mask words) and 64 (three); the output is the same, bit for bit, as without
-    indices."""
+    ends in -1. Key tiles of 32 (two mask words) and 64 (three); the output is that of the forward without
+    indices (the same bits with the same key tiles)."""
     q, k, v, _ = inputs(2, 1, 70, 70, seed=9, dtype=dtype)
     q[:, :, :6] = 0                      # every score ties
     k[:, :, 20:30] = k[:, :, 10:11]      # ties at the k-th score
@@ -289,6 +289,7 @@ def test_threshold_indices_are_the_selection(monkeypatch, dtype, causal):
     s = q.double() @ k.double().transpose(-1, -2)
     vis = torch.ones(70, 70, dtype=torch.bool).tril() if causal else ~kpm[:, None, None, :]
     for bn in (32, 64):
+        monkeypatch.setitem(threshold.CONFIG, "BN_idx", bn)
         monkeypatch.setitem(threshold.CONFIG, "BN_fwd", bn)
         out, _, t, tj, I = threshold.threshold_fwd(q, k, v, topk, causal, kpm, scale, indices=True)
         assert (tj > 0).any()  # the tie split really ran

@@ -25,7 +25,7 @@ from . import threshold
 from .threshold import empty_out, heads_layout, threshold_bwd, threshold_fwd
 from .reference import check_args
 
-THRESHOLD_MAX_T = 16384
+THRESHOLD_MAX_T = 32768
 THRESHOLD_MAX_D = 64
 # Shared memory the threshold kernels ask for at d = 64 with the default CONFIG and aligned shapes (the JIT's
 # variant with pipelined copies): at most 198656 bytes, the dk/dv kernel as Triton 3.6 compiles it on the H200

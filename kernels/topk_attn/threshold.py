@@ -57,12 +57,13 @@ from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _store_where, _til
 # stops at <= k + slack kept scores >= L; R pops at most `pops` scores per sweep. atomic_dq: the dk/dv kernel adds
 # dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). sparse_bwd_T: from
 # that many query rows the forward also finds each row's key indices and the sparse O(T k) backward (chunk.py) runs
-# instead of the dense masked one (function.takes_sparse_bwd); BR_dec rows per program decode them. stages: pipeline
+# instead of the dense masked one (function.takes_sparse_bwd): the forward then takes BN_idx keys per tile (fewer
+# list entries per row), and BR_dec rows per program decode them. stages: pipeline
 # stages of the selection and forward kernels, bwd_stages of the backward ones (float32 inputs: at most 2, _stages).
 # Tuned on an H200 (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 8, "stages": 3, "bwd_warps": 8,
           "bwd_stages": 3, "BN_fwd": 64, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
-          "pops": 8, "keep_A": 4, "atomic_dq": False, "sparse_bwd_T": 16384, "BR_dec": 16}
+          "pops": 8, "keep_A": 4, "atomic_dq": False, "sparse_bwd_T": 16384, "BN_idx": 128, "BR_dec": 16}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 LOG2E = 1.4426950408889634
@@ -575,7 +576,7 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None, in
     the slots of a row with fewer visible keys), else (B, H, 0, topk). stats: see selection_stats."""
     B, H, T, DK = q.shape
     S, DV = k.shape[2], v.shape[3]
-    BM, BMS, BN = CONFIG["BM"], CONFIG["BM_sel"], CONFIG["BN_fwd"]
+    BM, BMS, BN = CONFIG["BM"], CONFIG["BM_sel"], CONFIG["BN_idx" if indices else "BN_fwd"]
     out = empty_out(q, DV)
     mx, lse, tt = (torch.empty(B, H, T, dtype=torch.float32, device=q.device) for _ in range(3))
     tj = torch.empty(B, H, T, dtype=torch.int32, device=q.device)
