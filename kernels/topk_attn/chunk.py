@@ -47,6 +47,7 @@ MAX_TOPK = 128  # larger k: the chunked PyTorch path
 HAS_TOPK = hasattr(tl, "topk")
 SENT = tl.constexpr(-(2 ** 63))  # packed key below every real candidate: an empty slot
 NEG = tl.constexpr(float("-inf"))
+LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -426,7 +427,7 @@ def topk_bwd(q, k, v, out, dout, P, I, scale):
     dv = torch.zeros(B, H, S, DV, dtype=torch.float32, device=q.device)
     BMB = CONFIG["BMB"]
     _bwd_kernel[(triton.cdiv(T, BMB), B * H)](
-        q, k, v, out, dout, P, I, dq, dk, dv, T, S, H, DK, DV, scale, scale * 1.4426950408889634,
+        q, k, v, out, dout, P, I, dq, dk, dv, T, S, H, DK, DV, scale, scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3],
         KK=topk, BMB=BMB, KC=min(CONFIG["KC"], triton.next_power_of_2(topk)), DP=_pow2(DK, 1),
         DVP=_pow2(DV, 1), FROM_LSE=P.dim() == 3, num_warps=CONFIG["bwd_warps"])

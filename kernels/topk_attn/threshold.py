@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import NEG, _key_tile, _pow2, _row_tile, _scores, _store_where, _tile_scores
+from .chunk import LOG2E, NEG, _key_tile, _pow2, _row_tile, _scores, _store_where, _tile_scores
 
 # BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN keys per
 # selection tile (= the number of groups; keep_A * BN >= k, or the bound is -inf and R counts all; keep_A: the
@@ -66,7 +66,6 @@ CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 8, "stages
           "pops": 8, "keep_A": 4, "atomic_dq": False, "sparse_bwd_T": 16384, "BN_idx": 128, "BR_dec": 16}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -326,8 +325,8 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
     off the tensor cores: the 0/1 selection tile times W (W[j, w] = 2^(j - 24 w) for the keys j of word w) sums
     distinct powers of two, exact in float32, on bfloat16 tiles; a row's entry is stored by inline PTX in the dot's
     register layout (_store_where). PORTABLE (the interpreter): float32 tiles, as its bfloat16 dot is not exact,
-    and tl.store. Per-score stores instead (a slot per selected score, from a prefix
-    count or an atomic count) doubled the loop's instructions or its time (NOTES.md, session 12)."""
+    and tl.store. Per-score stores instead (a slot per selected score, from a prefix count or an atomic count)
+    doubled the loop's instructions or its time (NOTES.md, session 12)."""
     bh, b, h, m0 = _tile_ids(NM, BM, H)
     rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
                                                 BM, DP, CAUSAL, UPCAST)
@@ -342,6 +341,7 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
     den = tl.zeros([BM], dtype=tl.float32)
     ne = tl.zeros([BM], dtype=tl.int32)
     NW: tl.constexpr = (BN + 23) // 24
+    tl.static_assert(NW < 16, "BN: at most 15 mask words (and a column for the tile's first key) per entry")
     cw = tl.arange(0, 16)
     jw = tl.arange(0, BN)[:, None] - 24 * cw[None, :]
     W = tl.where((jw >= 0) & (jw < 24), (1 << tl.minimum(tl.maximum(jw, 0), 23)).to(tl.float32), 0.0)
