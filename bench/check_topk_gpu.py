@@ -8,8 +8,9 @@ backend, and flash).
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/check_topk_gpu.py --dry-run
 
     # the whole check in one lease: each part in its own process (a CUDA error ends only that part): the threshold
-    # kernels, then the sparse ones, falling back to their portable path ({"fast": false}) if the default one fails
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/check_topk_gpu.py --plan --out $OUT --budget-s 340  # ~5.5 min
+    # kernels, their forward with the sparse backward, then the sparse kernels, falling back to their portable path
+    # ({"fast": false}) if the default one fails
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/check_topk_gpu.py --plan --out $OUT --budget-s 400  # ~6.5 min
 
 Sections run in order while the time budget lasts (--budget-s); a failing section prints its traceback and the
 rest still run. The last lines are a summary table; full numbers go to OUT/topk_gpu.json.
@@ -70,7 +71,9 @@ def plan():
         checks = (res or {}).get("correct", []) + (res or {}).get("full", [])
         return bool(checks) and all(c["passed"] for c in checks) and bool((res or {}).get("timing"))
 
-    child("T", ["--skip", "extra"], 120, {})  # the threshold kernels (the default path up to T = 16384)
+    child("T", ["--skip", "extra"], 120, {})  # the threshold kernels (the default path up to T = 32768)
+    # their forward with the sparse backward (the default from 16384 rows), checked at every T
+    child("TS", ["--path", "threshold-sparse", "--skip", "timing", "stats"], 120, {})
     base = {}
     sp = ["--path", "sparse"]  # the rest: the sparse kernels
     res = child("A", [*sp, "--skip", "extra"], 120, base)
