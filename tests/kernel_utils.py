@@ -146,13 +146,13 @@ def record_launches(monkeypatch):
 def as_on_gpu(launches):
     """The launches as a GPU makes them from the same call at aligned shapes (T, d and strides multiples of
     16, as in training): the top-k kernels' tensor-core dots on bf16 tiles (UPCAST off; the interpreter upcasts bf16
-    to float32 with exact 'ieee' dots, a variant no GPU runs; the threshold forward's mask dot on bf16 and its
-    inline-PTX stores: PORTABLE off), every pointer and int argument aligned (the variant
+    to float32 with exact 'ieee' dots, a variant no GPU runs; the GPU-only paths of the top-k kernels: FAST on,
+    the default CONFIG), every pointer and int argument aligned (the variant
     with vector loads and pipelined copies, which asks for the most shared memory)."""
     for spec in launches:
         if "UPCAST" in spec[2]:  # float32 inputs keep their exact 'ieee' dots
             spec[2].update(UPCAST=False, PREC="ieee" if "fp32" in spec[3].get("Q", "") else "tf32")
-        if "PORTABLE" in spec[2]:
-            spec[2]["PORTABLE"] = False
+        if "FAST" in spec[2]:  # inline-PTX stores, the threshold forward's mask dot on bf16 tiles
+            spec[2]["FAST"] = True
         spec[6] = [n for n, t in spec[3].items() if not t.startswith("fp")]
     return launches

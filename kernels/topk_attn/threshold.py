@@ -315,7 +315,7 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb,
                 BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
                 HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KK: tl.constexpr,
-                MASKS: tl.constexpr, PORTABLE: tl.constexpr):
+                MASKS: tl.constexpr, FAST: tl.constexpr):
     """Sweep F, the masked forward: out = sum p v / sum p with p = exp(scale (s - max)) where selected. The row max
     is selected (k >= 1), so p <= 1 (to rounding) and sum p >= 1 on a non-empty row. Stores out and the base-2
     log-sum-exp of the selected scaled scores (LSE; qk2 = scale * log2(e)).
@@ -324,9 +324,9 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
     number (NE: (B * H * T,)); _decode_kernel turns them into key indices for the sparse backward. The masks come
     off the tensor cores: the 0/1 selection tile times W (W[j, w] = 2^(j - 24 w) for the keys j of word w) sums
     distinct powers of two, exact in float32, on bfloat16 tiles; a row's entry is stored by inline PTX in the dot's
-    register layout (_store_where). PORTABLE (the interpreter): float32 tiles, as its bfloat16 dot is not exact,
-    and tl.store. Per-score stores instead (a slot per selected score, from a prefix count or an atomic count)
-    doubled the loop's instructions or its time (NOTES.md, session 12)."""
+    register layout (_store_where): FAST, the GPU's path (as chunk.py's). Otherwise (the interpreter) float32
+    tiles, as its bfloat16 dot is not exact, and tl.store. Per-score stores instead (a slot per selected score,
+    from a prefix count or an atomic count) doubled the loop's instructions or its time (NOTES.md, session 12)."""
     bh, b, h, m0 = _tile_ids(NM, BM, H)
     rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
                                                 BM, DP, CAUSAL, UPCAST)
@@ -345,7 +345,7 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
     cw = tl.arange(0, 16)
     jw = tl.arange(0, BN)[:, None] - 24 * cw[None, :]
     W = tl.where((jw >= 0) & (jw < 24), (1 << tl.minimum(tl.maximum(jw, 0), 23)).to(tl.float32), 0.0)
-    if not PORTABLE:
+    if FAST:
         W = W.to(tl.bfloat16)
     for n0 in range(0, n_end, BN):
         s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
@@ -359,7 +359,7 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
         if MASKS:
             c = tl.where(sel, 1.0, 0.0)
-            if not PORTABLE:
+            if FAST:
                 c = c.to(tl.bfloat16)
             w = tl.dot(c, W, input_precision="ieee").to(tl.int32)
             hit = (tl.max(w, 1) > 0) & rmask
@@ -368,10 +368,10 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
             ptr = (E + (r * KK + ne) * (1 + NW))[:, None] + tl.where(col < NW, 1 + col, 0)
             val = tl.where(col < NW, w, n0)
             st = (hit & (ne < KK))[:, None] & (col <= NW)
-            if PORTABLE:
-                tl.store(ptr, val, mask=st)
-            else:
+            if FAST:
                 _store_where(ptr, val, st)
+            else:
+                tl.store(ptr, val, mask=st)
             ne += hit.to(tl.int32)
     live = den > 0
     out = acc / tl.where(live, den, 1.0)[:, None]
@@ -392,7 +392,7 @@ def _popcount(x):
 
 @triton.jit
 def _decode_kernel(E, NE, I, BH, T, KK: tl.constexpr, KP: tl.constexpr, NW: tl.constexpr, BR: tl.constexpr,
-                   PORTABLE: tl.constexpr):
+                   FAST: tl.constexpr):
     """The key indices of BR rows' selections from _fwd_kernel's (tile, mask words) lists: I (B * H * T, KK)
     int32, the keys of a row in no particular order, -1 in the slots a row with fewer than KK keys leaves. Each
     list entry's keys go to the slots after the popcounts of the entries before it; then each mask word gives up
@@ -417,10 +417,10 @@ def _decode_kernel(E, NE, I, BH, T, KK: tl.constexpr, KP: tl.constexpr, NW: tl.c
             on = (low != 0) & (slot < KK)
             # the bit's index: the exponent of low (a power of two < 2^24) as a float32
             j = n0 + 24 * w + ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127)
-            if PORTABLE:
-                tl.store(out + slot, j, mask=on)
-            else:
+            if FAST:
                 _store_where(out + slot, j, on)
+            else:
+                tl.store(out + slot, j, mask=on)
             slot += (low != 0).to(tl.int32)
             x = x ^ low
     total = tl.sum(cnt, 1)
@@ -601,12 +601,12 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None, in
     _fwd_kernel[(NM, B * H)](
         q, k, v, kpm, mx, tt, tj, out, lse, ent if indices else tj, ne if indices else tj, T, S, H, DK, DV, S - T,
         scale * LOG2E, NM, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], kpm.stride(0),
-        BM=BM, BN=BN, DVP=_pow2(DV), KK=topk, MASKS=indices, PORTABLE=not q.is_cuda,
+        BM=BM, BN=BN, DVP=_pow2(DV), KK=topk, MASKS=indices, FAST=q.is_cuda,
         num_warps=CONFIG["warps"], **meta)
     if indices:
         BR = CONFIG["BR_dec"]
         _decode_kernel[(triton.cdiv(B * H * T, BR),)](ent, ne, I, B * H, T, KK=topk, KP=_pow2(topk, 1), NW=NW,
-                                                       BR=BR, PORTABLE=not q.is_cuda)
+                                                       BR=BR, FAST=q.is_cuda)
     return out, lse, tt, tj, I
 
 
