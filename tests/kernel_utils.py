@@ -59,7 +59,7 @@ for module, name, consts, types, warps, stages, *aligned in specs:
                 if r.returncode == 0:
                     break
         info = " ; ".join(ln.split("info    : ")[-1].strip() for ln in r.stderr.splitlines()
-                          if "registers" in ln or "spill" in ln)
+                          if "registers" in ln or "spill" in ln or "C7515" in ln)
         print(f"REPORT {name} warps={warps} stages={stages} smem={c.metadata.shared} | {info}")
     if report == "sass":  # the machine code of Triton's own cubin, for bench/kernel_regs.py --sass
         with tempfile.TemporaryDirectory() as tmp:
@@ -94,8 +94,13 @@ def compile_for_sm90(specs, report=False):
         raise AssertionError(f"sm_90 compilation failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     if report or "NO-TOOLCHAIN" in r.stdout:
         return r.stdout
+    return shared_memory(r.stdout)
+
+
+def shared_memory(report):
+    """{kernel name: the most shared memory one of its launches asks for} from compile_for_sm90's output."""
     smem = {}
-    for line in r.stdout.splitlines():
+    for line in report.splitlines():
         if line.startswith("SMEM "):
             _, name, n = line.split()
             smem[name] = max(smem.get(name, 0), int(n))
@@ -145,11 +150,13 @@ def record_launches(monkeypatch):
 
 def as_on_gpu(launches):
     """The launches as a GPU makes them from the same call at aligned shapes (T, d and strides multiples of
-    16, as in training): the top-k kernels' tensor-core dots on bf16 tiles (UPCAST off; the interpreter upcasts bf16
-    to float32 with exact 'ieee' dots, a variant no GPU runs; the GPU-only paths of the top-k kernels: FAST on,
-    the default CONFIG), every pointer and int argument aligned (the variant
-    with vector loads and pipelined copies, which asks for the most shared memory)."""
+    16, as in training): tensor-core dots on bf16 tiles (the interpreter's bf16 dot is wrong, so there the top-k
+    kernels upcast to float32 with exact 'ieee' dots (UPCAST) and the chunk kernels dot bf16-rounded float32
+    (LOWP 2): variants no GPU runs); the GPU-only paths of the top-k kernels: FAST on; every pointer and int
+    argument aligned (the variant with vector loads and pipelined copies, which asks for the most shared memory)."""
     for spec in launches:
+        if spec[2].get("LOWP") == 2:  # the linear-attention / MemSizer chunk kernels on bf16 inputs
+            spec[2]["LOWP"] = 1
         if "UPCAST" in spec[2]:  # float32 inputs keep their exact 'ieee' dots
             spec[2].update(UPCAST=False, PREC="ieee" if "fp32" in spec[3].get("Q", "") else "tf32")
         if "FAST" in spec[2]:  # inline-PTX stores, the threshold forward's mask dot on bf16 tiles

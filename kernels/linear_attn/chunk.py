@@ -615,6 +615,12 @@ def _meta(q, k, v, mask, group, warps):
     return B, H, T, S, DK, DV, triton.cdiv(DV, BV), m, smb, common, opts, key
 
 
+def _nreg(kernel):
+    """A register cap for one kernel (CONFIG[kernel + "_maxnreg"]), as a launch option."""
+    n = CONFIG.get(kernel + "_maxnreg")
+    return {"maxnreg": n} if n else {}
+
+
 def _retry(fn):
     """Run a launcher; if a launch still runs out of resources although the estimate said it fits (another
     compiler version), cap that group's dv-tile at half and run it again. Nothing was written by the failed
@@ -727,7 +733,7 @@ def _prefix(x, y, o, r, dd, m, smb, T, B, H, tiles, common, *, reverse, elu1, ha
     _prefix_kernel[(triton.cdiv(DK, bk) * nvt, B * H)](
         x, y, o, r if r is not None else x, dd, m, SO, ZO, T, H, *x.stride()[:3], *y.stride()[:3], *o.stride()[:3],
         smb, **{**common, "BK": bk, "BV": bv, "HAS_MASK": has_mask}, NVT=nvt, REVERSE=reverse, ELU1=elu1,
-        ROW_SCALE=row_scale, WEIGHT=weight, num_warps=CONFIG["serial_warps"], num_stages=stages)
+        ROW_SCALE=row_scale, WEIGHT=weight, num_warps=CONFIG["serial_warps"], num_stages=stages, **_nreg("prefix"))
     return SO, ZO
 
 
@@ -766,7 +772,7 @@ def _fwd(q, k, v, causal, elu1, norm, eps, scale, B, H, T, S, DK, DV, NV, m, smb
                                  q if r is None else r, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                  *o.stride()[:3], smb, S0.stride(0) if run else 0, z0.stride(0) if run else 0, eps,
                                  CAUSAL=causal, HAS_S0=S0 is not None, ELU1=elu1, NORM=norm, SCALE=scale is not None,
-                                 CARRY=_carry(causal, ns, T, common["BT"]), **common, **opts)
+                                 CARRY=_carry(causal, ns, T, common["BT"]), **common, **{**opts, **_nreg("fwd")})
     return o, r, S0, z0
 
 
@@ -814,7 +820,8 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
         _bwd_chunk_kernel[(NV, B * H, nc)](q, k, v, do, dq, dk, dv, S0, z0, R0, W0, rr, dd, m, T, H,
                                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gq,
                                            *gk, *dv.stride()[:3], smb, ELU1=elu1, NORM=norm, SCALE=scale, **common,
-                                           num_warps=CONFIG["chunk_bwd_warps"], num_stages=opts["num_stages"])
+                                           num_warps=CONFIG["chunk_bwd_warps"], num_stages=opts["num_stages"],
+                                           **_nreg("chunk_bwd"))
     else:  # by runs: the query-side kernel (dq; the runs' R, w sums for a scan), a scan, the key-side kernel
         acc_r = not causal or run
         Rp = Wp = q

@@ -58,12 +58,14 @@ from .chunk import LOG2E, NEG, _key_tile, _pow2, _row_tile, _scores, _store_wher
 # dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). sparse_bwd_T: from
 # that many query rows the forward also finds each row's key indices and the sparse O(T k) backward (chunk.py) runs
 # instead of the dense masked one (function.takes_sparse_bwd): the forward then takes BN_idx keys per tile (fewer
-# list entries per row), and BR_dec rows per program decode them. stages: pipeline
+# list entries per row), and BR_dec rows per program decode them; the lists of a launch take at most list_bytes
+# (the forward then runs over groups of heads, each decoded before the next). stages: pipeline
 # stages of the selection and forward kernels, bwd_stages of the backward ones (float32 inputs: at most 2, _stages).
 # Tuned on an H200 (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 8, "stages": 3, "bwd_warps": 8,
           "bwd_stages": 3, "BN_fwd": 64, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
-          "pops": 8, "keep_A": 4, "atomic_dq": False, "sparse_bwd_T": 16384, "BN_idx": 128, "BR_dec": 16}
+          "pops": 8, "keep_A": 4, "atomic_dq": False, "sparse_bwd_T": 16384, "BN_idx": 128, "BR_dec": 16,
+          "list_bytes": 1 << 30}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 
@@ -170,9 +172,10 @@ def _tie_pass(q, K, KPM, rows, m0, n_end, off, S, DK, skt, ts, x,
 
 
 @triton.jit
-def _tile_ids(NM, BM: tl.constexpr, H):
-    """This program's (batch * head, batch, head, first query row); the longest (causal) rows first."""
-    bh = tl.program_id(1)
+def _tile_ids(NM, BM: tl.constexpr, H, BH0=0):
+    """This program's (batch * head, batch, head, first query row); the longest (causal) rows first. BH0: the
+    first (batch * head) of a launch over some of them."""
+    bh = BH0 + tl.program_id(1)
     return bh, bh // H, bh % H, (NM - 1 - tl.program_id(0)) * BM
 
 
@@ -311,7 +314,7 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, qk2, NM,
+def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, qk2, NM, BH0,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb,
                 BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, CAUSAL: tl.constexpr,
                 HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KK: tl.constexpr,
@@ -320,19 +323,21 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
     is selected (k >= 1), so p <= 1 (to rounding) and sum p >= 1 on a non-empty row. Stores out and the base-2
     log-sum-exp of the selected scaled scores (LSE; qk2 = scale * log2(e)).
     MASKS: also each row's selection as a list of (first key of a tile, its selected keys as a bit mask in words of
-    24 bits) for the key tiles where it selects any, at most KK (E: (B * H * T, KK, 1 + NW) int32) and their
-    number (NE: (B * H * T,)); _decode_kernel turns them into key indices for the sparse backward. The masks come
-    off the tensor cores: the 0/1 selection tile times W (W[j, w] = 2^(j - 24 w) for the keys j of word w) sums
+    24 bits) for the key tiles where it selects any, at most KK, and their number, for the grid's (batch * head)s
+    from BH0 on (E: (G * T, KK, 1 + NW) int32, NE: (G * T,), G the grid's second axis; threshold_fwd bounds
+    their memory so); _decode_kernel turns them into key indices for the sparse backward. The masks come off the
+    tensor cores: the 0/1 selection tile times W (W[j, w] = 2^(j - 24 w) for the keys j of word w) sums
     distinct powers of two, exact in float32, on bfloat16 tiles; a row's entry is stored by inline PTX in the dot's
     register layout (_store_where): FAST, the GPU's path (as chunk.py's). Otherwise (the interpreter) float32
     tiles, as its bfloat16 dot is not exact, and tl.store. Per-score stores instead (a slot per selected score,
     from a prefix count or an atomic count) doubled the loop's instructions or its time (NOTES.md, session 12)."""
-    bh, b, h, m0 = _tile_ids(NM, BM, H)
+    bh, b, h, m0 = _tile_ids(NM, BM, H, BH0)
     rows, rmask, q, Kb, KPMb, n_end = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
                                                 BM, DP, CAUSAL, UPCAST)
     dv = tl.arange(0, DVP)
     Vb = V + b.to(tl.int64) * svb + h * svh
     r = bh.to(tl.int64) * T + rows
+    re = r - BH0.to(tl.int64) * T  # the row in this launch's lists
     mx = tl.load(MX + r, mask=rmask, other=0.0)
     t = tl.load(TT + r, mask=rmask, other=POS)
     tj = tl.load(TJ + r, mask=rmask, other=0)
@@ -365,7 +370,7 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
             hit = (tl.max(w, 1) > 0) & rmask
             # the entry (n0, words): word i from column i of w, n0 from column NW (a column of zeros)
             col = cw[None, :] + 0 * w
-            ptr = (E + (r * KK + ne) * (1 + NW))[:, None] + tl.where(col < NW, 1 + col, 0)
+            ptr = (E + (re * KK + ne) * (1 + NW))[:, None] + tl.where(col < NW, 1 + col, 0)
             val = tl.where(col < NW, w, n0)
             st = (hit & (ne < KK))[:, None] & (col <= NW)
             if FAST:
@@ -379,7 +384,7 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
              mask=rmask[:, None] & (dv[None, :] < DV))
     tl.store(LSE + r, tl.where(live, mq + tl.log2(tl.where(live, den, 1.0)), 0.0), mask=rmask)
     if MASKS:
-        tl.store(NE + r, tl.minimum(ne, KK), mask=rmask)
+        tl.store(NE + re, tl.minimum(ne, KK), mask=rmask)
 
 
 @triton.jit
@@ -517,7 +522,10 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, DQ32, T, S,
     m_start = 0
     if CAUSAL:
         m_start = (tl.maximum(n0 - off, 0) // BM) * BM
-    for m0 in range(m_start, T, BM):
+    # m_start < T always (n0 < S); the max() lets LLVM see the loop runs at least once: the path that skips it
+    # set the accumulators between a dot's start and its wait, and ptxas then serialized every dot (C7515)
+    for i in range(0, tl.maximum(tl.cdiv(T - m_start, BM), 1)):
+        m0 = m_start + i * BM
         rows, rmask, q, _, _, _ = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
                                             BM, DP, CAUSAL, UPCAST)
         do = tl.load(DO + b.to(tl.int64) * sdb + h * sdh + rows[:, None] * sdt + dv[None, :],
@@ -582,8 +590,10 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None, in
     tj = torch.empty(B, H, T, dtype=torch.int32, device=q.device)
     I = torch.empty(B, H, T if indices else 0, topk, dtype=torch.int32, device=q.device)
     NW = triton.cdiv(BN, 24)
-    # the forward's mask lists (see _fwd_kernel), decoded into I below
-    ent = torch.empty(B * H * T if indices else 0, topk, 1 + NW, dtype=torch.int32, device=q.device)
+    # the forward's mask lists (see _fwd_kernel) of G (batch * head)s at a time, decoded into I after each launch:
+    # at most CONFIG["list_bytes"] (all at once, B = 8, H = 16, T = 16384, k = 64: 3.7 GiB)
+    G = max(1, min(B * H, CONFIG["list_bytes"] // (T * topk * (1 + NW) * 4))) if indices else B * H
+    ent = torch.empty(G * T if indices else 0, topk, 1 + NW, dtype=torch.int32, device=q.device)
     ne = torch.empty(ent.shape[0], dtype=torch.int32, device=q.device)
     kpm, upcast, prec = _common(q, k, key_padding_mask)
     meta = dict(DP=_pow2(DK), CAUSAL=causal, HAS_PAD=key_padding_mask is not None, PREC=prec, UPCAST=upcast,
@@ -598,15 +608,17 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None, in
     if stop:
         return out, lse, tt, tj, I
     NM = triton.cdiv(T, BM)
-    _fwd_kernel[(NM, B * H)](
-        q, k, v, kpm, mx, tt, tj, out, lse, ent if indices else tj, ne if indices else tj, T, S, H, DK, DV, S - T,
-        scale * LOG2E, NM, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], kpm.stride(0),
-        BM=BM, BN=BN, DVP=_pow2(DV), KK=topk, MASKS=indices, FAST=q.is_cuda,
-        num_warps=CONFIG["warps"], **meta)
-    if indices:
-        BR = CONFIG["BR_dec"]
-        _decode_kernel[(triton.cdiv(B * H * T, BR),)](ent, ne, I, B * H, T, KK=topk, KP=_pow2(topk, 1), NW=NW,
-                                                       BR=BR, FAST=q.is_cuda)
+    for bh0 in range(0, B * H, G):
+        g = min(G, B * H - bh0)
+        _fwd_kernel[(NM, g)](
+            q, k, v, kpm, mx, tt, tj, out, lse, ent if indices else tj, ne if indices else tj, T, S, H, DK, DV,
+            S - T, scale * LOG2E, NM, bh0, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            kpm.stride(0), BM=BM, BN=BN, DVP=_pow2(DV), KK=topk, MASKS=indices, FAST=q.is_cuda,
+            num_warps=CONFIG["warps"], **meta)
+        if indices:
+            BR = CONFIG["BR_dec"]
+            _decode_kernel[(triton.cdiv(g * T, BR),)](ent, ne, I.view(B * H * T, topk)[bh0 * T:], g, T, KK=topk,
+                                                       KP=_pow2(topk, 1), NW=NW, BR=BR, FAST=q.is_cuda)
     return out, lse, tt, tj, I
 
 
@@ -617,6 +629,12 @@ def selection_stats(q, k, v, topk, causal, key_padding_mask=None, scale=1.0):
     stats = torch.zeros(q.shape[0] * q.shape[1], NS, 3, dtype=torch.int32, device=q.device)
     threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats)
     return stats
+
+
+def _nreg(kernel):
+    """A register cap for one kernel (CONFIG[kernel + "_maxnreg"]), as a launch option."""
+    n = CONFIG.get(kernel + "_maxnreg")
+    return {"maxnreg": n} if n else {}
 
 
 def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, scale):
@@ -641,12 +659,12 @@ def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, sca
         _bwd_dq_kernel[(NM, B * H)](
             q, k, v, kpm, out, dout, lse, tt, tj, delta, dq, T, S, H, DK, DV, S - T, scale, scale * LOG2E, NM,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3], kpm.stride(0),
-            BM=BM, BN=CONFIG["BN_dq"], **meta)
+            BM=BM, BN=CONFIG["BN_dq"], **meta, **_nreg("dq"))
     BNK = CONFIG["BN_kv"]
     _bwd_dkdv_kernel[(triton.cdiv(S, BNK), B * H)](
         q, k, v, kpm, dout, lse, tt, tj, delta, dk, dv, dq32, T, S, H, DK, DV, S - T, scale, scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], kpm.stride(0),
-        BM=CONFIG["BM_kv"], BN=BNK, ATOMIC_DQ=atomic, **meta)
+        BM=CONFIG["BM_kv"], BN=BNK, ATOMIC_DQ=atomic, **meta, **_nreg("kv"))
     if atomic:
         dq.copy_(dq32.view(B, H, T, DK))
     return dq, dk, dv
