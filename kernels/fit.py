@@ -145,6 +145,13 @@ def fit_topk(DK: int, KP: int, in_bytes: int, smem: int, *, BM: int = 64, BN: in
     raise NoFit(f"top-k forward: d={DK}, k={KP}, {in_bytes}-byte inputs do not fit {smem} bytes of shared memory")
 
 
+def reg_cap(config: dict, kernel: str, x: torch.Tensor) -> dict:
+    """Launch options capping a kernel's registers at config[kernel + "_maxnreg"], for 2-byte inputs only (the
+    caps were measured on bf16; float32 tiles take twice the registers and would spill)."""
+    n = config.get(kernel + "_maxnreg")
+    return {"maxnreg": n} if n and x.element_size() == 2 else {}
+
+
 def is_oor(err: BaseException) -> bool:
     """Triton's 'out of resource' launch error (shared memory or registers), any version."""
     return type(err).__name__ == "OutOfResources" or "out of resource" in str(err).lower()

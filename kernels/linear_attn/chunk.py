@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fit import MIN_BK, NoFit, _p2, chunk_smem, fit_chunk, is_oor, smem_limit
+from ..fit import MIN_BK, NoFit, _p2, chunk_smem, fit_chunk, is_oor, reg_cap, smem_limit
 
 # Picked on an H100 by bench/check_kernels_gpu.py (numbers in kernels/NOTES.md). BV: the dv-tile, at least "BV"
 # and up to "state" / BK (a narrow d, MemSizer's k slots, gets a wider tile, so fewer dq/dk partials). Causal runs:
@@ -57,10 +57,14 @@ from ..fit import MIN_BK, NoFit, _p2, chunk_smem, fit_chunk, is_oor, smem_limit
 # programs run; "serial_tile": their widest state tile (narrower tiles where that gives more programs). Picked on
 # an H200 (session 7 in kernels/NOTES.md): at B=8, H=16, T=4096 linear attention fwd+bwd 1.06 -> 0.81 ms, MemSizer
 # 0.45 -> 0.32; at B=1, H=8, T=16384 (32 programs) the scan path stays (serial there: 0.32 -> 0.92 ms).
-# "chunk_bwd_warps": the fused chunk backward (4: 0.31 ms at B=8, H=16, T=4096; 8 warps: 0.52).
+# "chunk_bwd_warps": the fused chunk backward (4: 0.31 ms at B=8, H=16, T=4096; 8 warps: 0.52). "fwd_maxnreg": the
+# forward kernel's register cap for 2-byte inputs and state tiles of at most 4096 entries (linear attention's
+# 64 x 64, MemSizer's 32 x 128; fit.reg_cap): three CTAs per SM instead of two (201 registers uncapped),
+# linear 0.181 -> 0.145 ms at B=8, H=16, T=4096 (session 13).
 CONFIG = {"BT": 64, "BV": 64, "state": 4096, "fwd_warps": 4, "bwd_warps": 8, "stages": 2,
           "programs": 2112, "run_min_chunks": 32, "run_bwd_warps": 4, "fill": 128, "one_chunk_runs": 64,
-          "serial_programs": 128, "serial_tile": 64, "serial_warps": 4, "serial_stages": 3, "chunk_bwd_warps": 4}
+          "serial_programs": 128, "serial_tile": 64, "serial_warps": 4, "serial_stages": 3, "chunk_bwd_warps": 4,
+          "fwd_maxnreg": 160}
 # kernels launched together share one dv-tile
 GROUPS = {"fwd": ("state", "fwd"), "bwd": ("bwd_q", "bwd_kv", "bwd_chunk")}
 
@@ -615,12 +619,6 @@ def _meta(q, k, v, mask, group, warps):
     return B, H, T, S, DK, DV, triton.cdiv(DV, BV), m, smb, common, opts, key
 
 
-def _nreg(kernel):
-    """A register cap for one kernel (CONFIG[kernel + "_maxnreg"]), as a launch option."""
-    n = CONFIG.get(kernel + "_maxnreg")
-    return {"maxnreg": n} if n else {}
-
-
 def _retry(fn):
     """Run a launcher; if a launch still runs out of resources although the estimate said it fits (another
     compiler version), cap that group's dv-tile at half and run it again. Nothing was written by the failed
@@ -733,7 +731,7 @@ def _prefix(x, y, o, r, dd, m, smb, T, B, H, tiles, common, *, reverse, elu1, ha
     _prefix_kernel[(triton.cdiv(DK, bk) * nvt, B * H)](
         x, y, o, r if r is not None else x, dd, m, SO, ZO, T, H, *x.stride()[:3], *y.stride()[:3], *o.stride()[:3],
         smb, **{**common, "BK": bk, "BV": bv, "HAS_MASK": has_mask}, NVT=nvt, REVERSE=reverse, ELU1=elu1,
-        ROW_SCALE=row_scale, WEIGHT=weight, num_warps=CONFIG["serial_warps"], num_stages=stages, **_nreg("prefix"))
+        ROW_SCALE=row_scale, WEIGHT=weight, num_warps=CONFIG["serial_warps"], num_stages=stages)
     return SO, ZO
 
 
@@ -772,7 +770,9 @@ def _fwd(q, k, v, causal, elu1, norm, eps, scale, B, H, T, S, DK, DV, NV, m, smb
                                  q if r is None else r, m, T, H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                  *o.stride()[:3], smb, S0.stride(0) if run else 0, z0.stride(0) if run else 0, eps,
                                  CAUSAL=causal, HAS_S0=S0 is not None, ELU1=elu1, NORM=norm, SCALE=scale is not None,
-                                 CARRY=_carry(causal, ns, T, common["BT"]), **common, **{**opts, **_nreg("fwd")})
+                                 CARRY=_carry(causal, ns, T, common["BT"]), **common,
+                                 **{**opts, **(reg_cap(CONFIG, "fwd", q) if common["BK"] * common["BV"] <= 4096
+                                               else {})})
     return o, r, S0, z0
 
 
@@ -820,8 +820,7 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
         _bwd_chunk_kernel[(NV, B * H, nc)](q, k, v, do, dq, dk, dv, S0, z0, R0, W0, rr, dd, m, T, H,
                                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gq,
                                            *gk, *dv.stride()[:3], smb, ELU1=elu1, NORM=norm, SCALE=scale, **common,
-                                           num_warps=CONFIG["chunk_bwd_warps"], num_stages=opts["num_stages"],
-                                           **_nreg("chunk_bwd"))
+                                           num_warps=CONFIG["chunk_bwd_warps"], num_stages=opts["num_stages"])
     else:  # by runs: the query-side kernel (dq; the runs' R, w sums for a scan), a scan, the key-side kernel
         acc_r = not causal or run
         Rp = Wp = q

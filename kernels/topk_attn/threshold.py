@@ -46,11 +46,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fit import reg_cap
 from .chunk import LOG2E, NEG, _key_tile, _pow2, _row_tile, _scores, _store_where, _tile_scores
 
 # BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN keys per
 # selection tile (= the number of groups; keep_A * BN >= k, or the bound is -inf and R counts all; keep_A: the
-# scores each group keeps in sweep A, 3 or 4), BN_fwd / BN_dq keys per forward / dq tile; the dk/dv
+# scores each group keeps in sweep A, 3 or 4), BN_fwd / BN_dq keys per forward / dq tile (dq_maxnreg: the dq
+# kernel's register cap for 2-byte inputs, fit.reg_cap: its 64-key tiles fit 128, two CTAs per SM); the dk/dv
 # kernel: BN_kv keys per program, BM_kv query rows per step of its sweep over the query tiles that see them (a
 # score's bits do not depend on the tile shape, see the module docstring).
 # SEL_BITS: at most that many bisection steps for L (fewer: a lower L, more for R to remove); a row's bisection
@@ -63,8 +65,8 @@ from .chunk import LOG2E, NEG, _key_tile, _pow2, _row_tile, _scores, _store_wher
 # stages of the selection and forward kernels, bwd_stages of the backward ones (float32 inputs: at most 2, _stages).
 # Tuned on an H200 (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 8, "stages": 3, "bwd_warps": 8,
-          "bwd_stages": 3, "BN_fwd": 64, "BN_dq": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32, "slack": 2,
-          "pops": 8, "keep_A": 4, "atomic_dq": False, "sparse_bwd_T": 16384, "BN_idx": 128, "BR_dec": 16,
+          "bwd_stages": 3, "BN_fwd": 64, "BN_dq": 64, "dq_maxnreg": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32,
+          "slack": 2, "pops": 8, "keep_A": 4, "atomic_dq": False, "sparse_bwd_T": 16384, "BN_idx": 128, "BR_dec": 16,
           "list_bytes": 1 << 30}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
@@ -631,12 +633,6 @@ def selection_stats(q, k, v, topk, causal, key_padding_mask=None, scale=1.0):
     return stats
 
 
-def _nreg(kernel):
-    """A register cap for one kernel (CONFIG[kernel + "_maxnreg"]), as a launch option."""
-    n = CONFIG.get(kernel + "_maxnreg")
-    return {"maxnreg": n} if n else {}
-
-
 def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, scale):
     """Gradients of threshold_fwd's output (dq, dk, dv in the inputs' dtypes and layouts)."""
     B, H, T, DK = q.shape
@@ -659,12 +655,12 @@ def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, sca
         _bwd_dq_kernel[(NM, B * H)](
             q, k, v, kpm, out, dout, lse, tt, tj, delta, dq, T, S, H, DK, DV, S - T, scale, scale * LOG2E, NM,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3], kpm.stride(0),
-            BM=BM, BN=CONFIG["BN_dq"], **meta, **_nreg("dq"))
+            BM=BM, BN=CONFIG["BN_dq"], **meta, **reg_cap(CONFIG, "dq", q))
     BNK = CONFIG["BN_kv"]
     _bwd_dkdv_kernel[(triton.cdiv(S, BNK), B * H)](
         q, k, v, kpm, dout, lse, tt, tj, delta, dk, dv, dq32, T, S, H, DK, DV, S - T, scale, scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], kpm.stride(0),
-        BM=CONFIG["BM_kv"], BN=BNK, ATOMIC_DQ=atomic, **meta, **_nreg("kv"))
+        BM=CONFIG["BM_kv"], BN=BNK, ATOMIC_DQ=atomic, **meta)
     if atomic:
         dq.copy_(dq32.view(B, H, T, DK))
     return dq, dk, dv
