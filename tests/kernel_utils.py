@@ -33,14 +33,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 specs, report = json.loads(sys.argv[1]), sys.argv[2]
-for module, name, consts, types, warps, stages, *aligned in specs:
+for module, name, consts, types, warps, stages, *aligned in specs:  # aligned: [args] or [args, maxnreg]
     fn = getattr(importlib.import_module(module), name)
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in (aligned[0] if aligned else [])}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()},
                     attrs=attrs)
     try:
-        c = compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        cap = {"maxnreg": aligned[1]} if len(aligned) > 1 and aligned[1] else {}
+        c = compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages, **cap))
     except FileNotFoundError as e:  # no ptxas: nothing to say about the kernels
         print("NO-TOOLCHAIN", e)
         sys.exit(0)
@@ -75,7 +76,7 @@ for module, name, consts, types, warps, stages, *aligned in specs:
 def compile_for_sm90(specs, report=False):
     """Compile Triton kernels for an H100/H200 (sm_90) in one fresh process without the interpreter
     (TRITON_INTERPRET=0: real JIT functions; no GPU needed). specs: [(module, kernel name, constexprs, {arg: type},
-    num_warps, num_stages, [aligned args])], types as Triton signatures ("*bf16", "fp32"; default "i32"), aligned
+    num_warps, num_stages, [aligned args], maxnreg or None)], types as Triton signatures ("*bf16", "fp32"; default "i32"), aligned
     args: those the JIT specializes as multiples of 16 (ints) or 16-byte aligned (pointers), e.g. from
     record_launches. Returns the child's output (a str) if the toolchain is missing (the caller skips), else
     {kernel name: the most shared memory one of its launches asks for}; a compilation error raises with its
@@ -140,7 +141,7 @@ def record_launches(monkeypatch):
                 types[p.name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
                 aligned += [p.name] * (v % 16 == 0)
         spec = [fn.__module__, fn.__name__, consts, types, kwargs.get("num_warps", 4), kwargs.get("num_stages", 2),
-                aligned]
+                aligned, kwargs.get("maxnreg")]
         if spec not in seen:
             seen.append(spec)
         return real(self, *args, grid=grid, warmup=warmup, **kwargs)

@@ -53,8 +53,8 @@ from .chunk import LOG2E, NEG, _key_tile, _pow2, _row_tile, _scores, _store_wher
 # selection tile (= the number of groups; keep_A * BN >= k, or the bound is -inf and R counts all; keep_A: the
 # scores each group keeps in sweep A, 3 or 4), BN_fwd / BN_dq keys per forward / dq tile (dq_maxnreg: the dq
 # kernel's register cap for 2-byte inputs, fit.reg_cap: its 64-key tiles fit 128, two CTAs per SM); the dk/dv
-# kernel: BN_kv keys per program, BM_kv query rows per step of its sweep over the query tiles that see them (a
-# score's bits do not depend on the tile shape, see the module docstring).
+# kernel: BN_kv keys per program, BM_kv query rows per step of its sweep over the query tiles that see them, at
+# kv_warps warps (a score's bits do not depend on the tile shape, see the module docstring).
 # SEL_BITS: at most that many bisection steps for L (fewer: a lower L, more for R to remove); a row's bisection
 # stops at <= k + slack kept scores >= L; R pops at most `pops` scores per sweep. atomic_dq: the dk/dv kernel adds
 # dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). sparse_bwd_T: from
@@ -65,9 +65,9 @@ from .chunk import LOG2E, NEG, _key_tile, _pow2, _row_tile, _scores, _store_wher
 # stages of the selection and forward kernels, bwd_stages of the backward ones (float32 inputs: at most 2, _stages).
 # Tuned on an H200 (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 8, "stages": 3, "bwd_warps": 8,
-          "bwd_stages": 3, "BN_fwd": 64, "BN_dq": 64, "dq_maxnreg": 128, "BM_kv": 128, "BN_kv": 128, "SEL_BITS": 32,
-          "slack": 2, "pops": 8, "keep_A": 4, "atomic_dq": False, "sparse_bwd_T": 16384, "BN_idx": 128, "BR_dec": 16,
-          "list_bytes": 1 << 30}
+          "bwd_stages": 3, "BN_fwd": 64, "BN_dq": 64, "dq_maxnreg": 128, "BM_kv": 64, "BN_kv": 64, "kv_warps": 4,
+          "SEL_BITS": 32, "slack": 2, "pops": 8, "keep_A": 4, "atomic_dq": False, "sparse_bwd_T": 16384, "BN_idx": 128,
+          "BR_dec": 16, "list_bytes": 1 << 30}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 
@@ -660,7 +660,7 @@ def threshold_bwd(q, k, v, out, dout, lse, tt, tj, causal, key_padding_mask, sca
     _bwd_dkdv_kernel[(triton.cdiv(S, BNK), B * H)](
         q, k, v, kpm, dout, lse, tt, tj, delta, dk, dv, dq32, T, S, H, DK, DV, S - T, scale, scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], kpm.stride(0),
-        BM=CONFIG["BM_kv"], BN=BNK, ATOMIC_DQ=atomic, **meta)
+        BM=CONFIG["BM_kv"], BN=BNK, ATOMIC_DQ=atomic, **{**meta, "num_warps": CONFIG["kv_warps"]})
     if atomic:
         dq.copy_(dq32.view(B, H, T, DK))
     return dq, dk, dv
