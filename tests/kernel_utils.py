@@ -76,8 +76,8 @@ for module, name, consts, types, warps, stages, *aligned in specs:  # aligned: [
 def compile_for_sm90(specs, report=False):
     """Compile Triton kernels for an H100/H200 (sm_90) in one fresh process without the interpreter
     (TRITON_INTERPRET=0: real JIT functions; no GPU needed). specs: [(module, kernel name, constexprs, {arg: type},
-    num_warps, num_stages, [aligned args], maxnreg or None)], types as Triton signatures ("*bf16", "fp32"; default "i32"), aligned
-    args: those the JIT specializes as multiples of 16 (ints) or 16-byte aligned (pointers), e.g. from
+    num_warps, num_stages, [aligned args], maxnreg or None)], types as Triton signatures ("*bf16", "fp32"; default
+    "i32"), aligned args: those the JIT specializes as multiples of 16 (ints) or 16-byte aligned (pointers), e.g. from
     record_launches. Returns the child's output (a str) if the toolchain is missing (the caller skips), else
     {kernel name: the most shared memory one of its launches asks for}; a compilation error raises with its
     message. report: return instead one line per kernel with its shared memory and ptxas's registers and spills;

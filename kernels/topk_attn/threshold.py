@@ -339,7 +339,7 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
     dv = tl.arange(0, DVP)
     Vb = V + b.to(tl.int64) * svb + h * svh
     r = bh.to(tl.int64) * T + rows
-    re = r - BH0.to(tl.int64) * T  # the row in this launch's lists
+    re = tl.program_id(1).to(tl.int64) * T + rows  # the row in this launch's lists
     mx = tl.load(MX + r, mask=rmask, other=0.0)
     t = tl.load(TT + r, mask=rmask, other=POS)
     tj = tl.load(TJ + r, mask=rmask, other=0)
