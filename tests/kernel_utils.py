@@ -33,14 +33,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 specs, report = json.loads(sys.argv[1]), sys.argv[2]
-for module, name, consts, types, warps, stages, *aligned in specs:  # aligned: [args] or [args, maxnreg]
+for module, name, consts, types, warps, stages, *rest in specs:  # rest: [aligned args[, maxnreg]]
+    aligned = rest[0] if rest else []
+    maxnreg = rest[1] if len(rest) > 1 else None
     fn = getattr(importlib.import_module(module), name)
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in (aligned[0] if aligned else [])}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()},
                     attrs=attrs)
     try:
-        cap = {"maxnreg": aligned[1]} if len(aligned) > 1 and aligned[1] else {}
+        cap = {"maxnreg": maxnreg} if maxnreg else {}
         c = compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages, **cap))
     except FileNotFoundError as e:  # no ptxas: nothing to say about the kernels
         print("NO-TOOLCHAIN", e)

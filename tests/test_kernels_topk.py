@@ -37,7 +37,7 @@ def small_tiles(monkeypatch):
 def use_path(monkeypatch, name):
     """Send topk_attention_triton down one algorithm for every T: threshold, threshold-atomic (the threshold kernels
     with dq by atomics, CONFIG["atomic_dq"]), threshold-sparse (the threshold forward, the sparse backward from the
-    P and I it stores) or sparse."""
+    log-sum-exp and key indices it stores) or sparse."""
     monkeypatch.setattr(function, "THRESHOLD_MAX_T", 0 if name == "sparse" else 1 << 62)
     monkeypatch.setitem(threshold.CONFIG, "sparse_bwd_T", 0 if name == "threshold-sparse" else 1 << 62)
     monkeypatch.setitem(threshold.CONFIG, "atomic_dq", name == "threshold-atomic")

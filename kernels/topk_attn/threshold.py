@@ -400,8 +400,8 @@ def _popcount(x):
 @triton.jit
 def _decode_kernel(E, NE, I, BH, T, KK: tl.constexpr, KP: tl.constexpr, NW: tl.constexpr, BR: tl.constexpr,
                    FAST: tl.constexpr):
-    """The key indices of BR rows' selections from _fwd_kernel's (tile, mask words) lists: I (B * H * T, KK)
-    int32, the keys of a row in no particular order, -1 in the slots a row with fewer than KK keys leaves. Each
+    """The key indices of BR rows' selections from _fwd_kernel's (tile, mask words) lists of BH heads: I (BH * T,
+    KK) int32, the keys of a row in no particular order, -1 in the slots a row with fewer than KK keys leaves. Each
     list entry's keys go to the slots after the popcounts of the entries before it; then each mask word gives up
     its lowest set bit per step, in as many steps as the most bits a word of the tile holds (about 1 to 5 at
     T = 16384, where a row selects 64 of ~8k keys: walking all 24 bits took 4 times longer)."""
