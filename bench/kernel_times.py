@@ -5,8 +5,13 @@
 
 Each (op, shape B,H,T, config) is captured once in a CUDA graph (forward + backward, bf16, causal, D=64;
 MemSizer: k=32 slots, values H*64 wide) and replayed: the total is the median replay time (L2 flushed), the
-breakdown is torch.profiler's time per kernel name over the replays. Host overhead is out of both: this is what
-the kernels cost, for choosing kernels/linear_attn/chunk.py's CONFIG (kernels/NOTES.md). Writes kernel_times.json.
+breakdown is torch.profiler's time per kernel name over the replays, and per launch in order (kernels_ms,
+launches_ms). Host overhead is out of both: this is what the kernels cost, for choosing kernels/linear_attn/chunk.py's
+CONFIG (kernels/NOTES.md). Writes kernel_times.json.
+
+Ops: linear (elu+1 and the normalizer inside the kernels, as the models call it), linear_mapped (features mapped
+before the timing, normalizer inside), linear_raw (attnlab's chunk kernels doing fla's math: mapped features, no
+normalizer), fla (fla's chunk_linear_attn, normalize=False, mapped features), memsizer, sdpa (default backend).
 """
 from __future__ import annotations
 
@@ -33,6 +38,28 @@ def make(op, B, H, T):
         xs = [torch.randn(B, T, 32, device=dev).softmax(-1).to(dt) for _ in range(2)]
         xs.append(torch.randn(B, T, H * 64, device=dev, dtype=dt))
         return xs, lambda p, a, v: memsizer(p, a, v, causal=True, backend="triton")
+    if op == "linear_mapped":  # features mapped outside, the normalizer inside: what the feature map costs
+        from attnlab.kernels.linear_attn import linear_attention
+        xs = [torch.randn(B, H, T, 64, device=dev, dtype=dt).sigmoid() for _ in range(2)]
+        xs.append(torch.randn(B, H, T, 64, device=dev, dtype=dt))
+        return xs, lambda q, k, v: linear_attention(q, k, v, causal=True, feature_map=None, backend="triton")
+    if op == "linear_raw":  # attnlab's chunk kernels doing fla's math: features mapped outside, no normalizer
+        from attnlab.kernels.linear_attn.chunk import chunk_bwd, chunk_fwd
+
+        class Raw(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v):
+                o, _, S0, z0 = chunk_fwd(q, k, v, causal=True, elu1=False, norm=False)
+                ctx.save_for_backward(q, k, v, o, S0, z0)
+                return o
+
+            @staticmethod
+            def backward(ctx, do):
+                q, k, v, o, S0, z0 = ctx.saved_tensors
+                return chunk_bwd(q, k, v, o, do, None, S0, z0, causal=True, elu1=False, norm=False)
+        xs = [torch.randn(B, H, T, 64, device=dev, dtype=dt).sigmoid() for _ in range(2)]
+        xs.append(torch.randn(B, H, T, 64, device=dev, dtype=dt))
+        return xs, Raw.apply
     if op == "fla":  # fla's fastest form: features mapped outside, no normalizer
         from fla.ops.linear_attn import chunk_linear_attn
         xs = [torch.randn(B, T, H, 64, device=dev, dtype=dt).sigmoid() for _ in range(2)]
@@ -62,11 +89,14 @@ def point(op, B, H, T, reps):
         for _ in range(reps):
             replay()
         torch.cuda.synchronize()
-    per = collections.Counter()
-    for e in prof.events():
-        if e.device_type.name == "CUDA" and e.device_time > 0:
-            per[e.name[:90]] += e.device_time / reps / 1e3  # us -> ms
-    return ms, dict(per.most_common())
+    per, launch = collections.Counter(), collections.Counter()
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and e.device_time > 0),
+                     key=lambda e: e.time_range.start)
+    n = len(kernels) // reps  # kernels per replay: the i-th launch of a replay is i % n
+    for i, e in enumerate(kernels):
+        per[e.name[:90]] += e.device_time / reps / 1e3  # us -> ms
+        launch[f"{i % n:02d} {e.name[:60]}"] += e.device_time / reps / 1e3
+    return ms, dict(per.most_common()), dict(sorted(launch.items()))
 
 
 def main():
@@ -85,12 +115,12 @@ def main():
     for shape in args.shapes:
         B, H, T = (int(n) for n in shape.split(","))
         for op in args.ops:
-            for cfg in (args.configs if op in ("linear", "memsizer") else ["{}"]):
+            for cfg in (args.configs if op.startswith(("linear", "memsizer")) else ["{}"]):
                 chunk.CONFIG.clear()
                 chunk.CONFIG.update(default, **json.loads(cfg))
                 row = dict(op=op, B=B, H=H, T=T, config=json.loads(cfg))
                 try:
-                    row["ms"], row["kernels_ms"] = point(op, B, H, T, args.reps)
+                    row["ms"], row["kernels_ms"], row["launches_ms"] = point(op, B, H, T, args.reps)
                 except Exception as e:  # noqa: BLE001 - recorded, the next point runs
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 torch.cuda.empty_cache()

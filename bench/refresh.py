@@ -31,6 +31,13 @@ def run_benchmarks(out: str) -> None:
         subprocess.run([py, os.path.join(HERE, "bench_attention.py"), "--out", os.path.join(out, TIMINGS[timing][0]),
                         "--variants", *OP_VARIANTS, "--T", *map(str, T_ALL), "--timing", timing]
                        + (["--no-decode"] if timing == "graph" else []), check=True)
+    # the fla and top-k op targets: kernel by kernel from CUDA graphs (fla_check), top-k beside cuDNN (topk_check)
+    subprocess.run([py, os.path.join(HERE, "kernel_times.py"), "--out", os.path.join(out, "kernel_times"), "--ops",
+                    "linear", "linear_raw", "fla", "--shapes", *(f"8,16,{T}" for T in T_ALL if T >= 4096)],
+                   check=True)
+    subprocess.run([py, os.path.join(HERE, "check_topk_gpu.py"), "--out", out, "--name", "topk_threshold_final",
+                    "--skip", "extra", "full", "stats", "sweep", "--T", *(str(T) for T in T_ALL if T >= 4096)],
+                   check=True)
     subprocess.run([py, os.path.join(HERE, "bench_model.py"), "--out", out, "--label", "refresh", "--T",
                     *map(str, T_ALL), "--compile", "--compile-mode", "reduce-overhead", "--gen-variants",
                     "linear+fused", "memsizer+fused", "linear+graph", "memsizer+graph", "softmax",
@@ -118,22 +125,40 @@ def generate_targets(gen: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _newest(dirs: list[str], name: str) -> str | None:
+    """The file ``name`` in the last of dirs holding one."""
+    return next((p for p in (os.path.join(d, name) for d in reversed(dirs)) if os.path.exists(p)), None)
+
+
 def topk_check(dirs: list[str]) -> tuple[str | None, dict]:
     """The newest op timing of the top-k kernels by bench/check_topk_gpu.py (eager, cuDNN SDPA in the same process):
     (path, {T: (top-k, sdpa) fwd+bwd ms}) from the last of dirs holding a topk_threshold_final.json. It replaces the
     op tables' top-k target: bench_attention.py's top-k rows were last run with the session-5 sparse kernels."""
-    for d in reversed(dirs):
-        p = os.path.join(d, "topk_threshold_final.json")
-        if os.path.exists(p):
-            timing = json.load(open(p))["results"]["timing"]
-            return p, {r["T"]: (r["topk_triton"]["fwdbwd_ms"], r["sdpa"]["fwdbwd_ms"]) for r in timing
-                       if "topk_triton" in r and "sdpa" in r}
-    return None, {}
+    p = _newest(dirs, "topk_threshold_final.json")
+    if p is None:
+        return None, {}
+    timing = json.load(open(p))["results"]["timing"]
+    return p, {r["T"]: (r["topk_triton"]["fwdbwd_ms"], r["sdpa"]["fwdbwd_ms"]) for r in timing
+               if "topk_triton" in r and "sdpa" in r}
 
 
-def op_targets(op: dict | None, with_topk: bool = True) -> list[tuple[str, str, str]]:
+def fla_check(dirs: list[str]) -> tuple[str | None, dict]:
+    """The newest kernel-by-kernel run of bench/kernel_times.py (CUDA-graph replay, B=8, H=16, default CONFIG):
+    (path, {T: {op: fwd+bwd ms}}) for linear (elu + 1 and the normalizer in the kernels), linear_raw (the same
+    kernels on fla's math: features mapped before, no normalizer) and fla (normalize=False). It replaces the op
+    tables' fla target, which compares the two ops on different work."""
+    p = _newest(dirs, os.path.join("kernel_times", "kernel_times.json"))
+    out = {}
+    for r in json.load(open(p)) if p else []:
+        if (r["B"], r["H"]) == (8, 16) and not r["config"] and "ms" in r and r["op"] in ("linear", "linear_raw", "fla"):
+            out.setdefault(r["T"], {})[r["op"]] = r["ms"]
+    return p, out
+
+
+def op_targets(op: dict | None, with_topk: bool = True, with_fla: bool = True) -> list[tuple[str, str, str]]:
     """Op-level targets: fwd+bwd times at B, H of the run against the default SDPA backend and fla raw, labelled
-    with how the run timed the calls (eager launches or CUDA-graph replay); the top-k one only ``with_topk``."""
+    with how the run timed the calls (eager launches or CUDA-graph replay); the top-k one only ``with_topk``, the
+    fla one only ``with_fla``."""
     label = TIMINGS[(op or {}).get("config", {}).get("timing", "eager")][1]
     pts = {}
     for r in (op or {}).get("rows", []):
@@ -146,17 +171,20 @@ def op_targets(op: dict | None, with_topk: bool = True) -> list[tuple[str, str, 
                       lambda x: x <= limit)
 
     rows = [row("linear fwd+bwd <= default-backend SDPA at T >= 2048", "linear_triton", "sdpa",
-                [T for T in T_ALL if T >= 2048], 1.0),
-            row("linear fwd+bwd <= fla normalize=False at T >= 4096", "linear_triton", "fla_chunk_raw",
-                [T for T in T_ALL if T >= 4096], 1.0)]
+                [T for T in T_ALL if T >= 2048], 1.0)]
+    if with_fla:
+        rows.append(row("linear fwd+bwd <= fla normalize=False at T >= 4096", "linear_triton", "fla_chunk_raw",
+                        [T for T in T_ALL if T >= 4096], 1.0))
     if with_topk:
         rows.append(row("top-k (k=64) fwd+bwd <= 2x default-backend SDPA at T >= 4096", "topk_triton", "sdpa",
                         [T for T in T_ALL if T >= 4096], 2.0))
     return rows
 
 
-def section(ops: dict, runs: list[dict], topk: tuple[str | None, dict] = (None, {})) -> str:
-    """The generated block; ``topk``: topk_check's (path, timings), which replace the op tables' top-k target."""
+def section(ops: dict, runs: list[dict], topk: tuple[str | None, dict] = (None, {}),
+            fla: tuple[str | None, dict] = (None, {})) -> str:
+    """The generated block; ``topk`` / ``fla``: topk_check's / fla_check's (path, timings), which replace the op
+    tables' top-k / fla targets."""
     from bench_model import table
     from plot import markdown
     lines = [BEGIN, "", "_Generated by `python3 bench/refresh.py`; edits here are overwritten._", ""]
@@ -180,8 +208,16 @@ def section(ops: dict, runs: list[dict], topk: tuple[str | None, dict] = (None, 
         lines += [f"Op level, {TIMINGS[timing][1]}: " + markdown(op).split("**forward time")[0].strip(), ""]
     lines += ["**Targets (issue #11)**", "", "| target | measured | verdict |", "|---|---|---|"]
     path, times = topk
-    rows = train_targets(train, runs) + generate_targets(gen) + [r for op in ops.values()
-                                                                  for r in op_targets(op, with_topk=not times)]
+    fpath, ftimes = fla
+    rows = train_targets(train, runs) + generate_targets(gen) + [
+        r for op in ops.values() for r in op_targets(op, with_topk=not times, with_fla=not ftimes)]
+    if ftimes:
+        src = f"CUDA graphs, bench/kernel_times.py: {os.path.relpath(fpath, os.path.dirname(HERE))}"
+        for op, what in (("linear", "linear fwd+bwd"),
+                         ("linear_raw", "the same math as fla (features mapped before, no normalizer): linear_raw")):
+            rows.append(_per_T(f"{what} <= fla normalize=False at T >= 4096 ({src})",
+                               {T: t[op] / t["fla"] for T, t in ftimes.items() if T >= 4096 and op in t
+                                and "fla" in t}, lambda x: x <= 1.0))
     if times:
         rows.append(_per_T(f"top-k (k=64) fwd+bwd <= 2x default-backend SDPA at T >= 4096 (eager, "
                            f"bench/check_topk_gpu.py: {os.path.relpath(path, os.path.dirname(HERE))})",
@@ -217,7 +253,7 @@ def main():
     ops, runs = load(args.src or [args.out])
     if not ops and not runs:
         sys.exit(f"no results.json under op/ or op_graph/ and no model_*.json in {args.src or args.out}")
-    text = section(ops, runs, topk_check(args.src or [args.out]))
+    text = section(ops, runs, topk_check(args.src or [args.out]), fla_check(args.src or [args.out]))
     write(args.results, text)
     print(text)
 

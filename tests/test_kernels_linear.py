@@ -125,6 +125,27 @@ def test_unmapped_features_and_split_heads_layout(poison):
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_feature_pass_is_the_kernels_map(dt, poison):
+    """feature.py's elu + 1 pass: float32 math, then the input dtype, in the input's layout (split_heads' strided
+    views, d not a power of two, rows not a multiple of the block); they are the features the chunk kernels would
+    make themselves: the op's output is bit for bit that of the kernels mapping inside. float16 inputs keep the map
+    inside the kernels (no features handed to the backward)."""
+    from attnlab.kernels.linear_attn.feature import elu1_features
+    from attnlab.kernels.linear_attn.reference import elu1
+    g = torch.Generator().manual_seed(4)
+    B, T, H, d = 2, 301, 3, 24
+    x = (3 * torch.randn(B, T, H * d, generator=g)).to(dt).view(B, T, H, d).transpose(1, 2)
+    phi = elu1_features(x)
+    assert phi.dtype == dt and phi.stride() == x.stride()
+    torch.testing.assert_close(phi, elu1(x.float()).to(dt))  # exp's last bit is the device's
+    q, k, v = (torch.randn(1, 2, 130, 16, generator=g).to(dt) for _ in range(3))
+    o, r, S0, z0, qf, kf = function._linear_attn_fwd(q, k, v, None, True, 1e-6, True)
+    assert torch.equal(qf, elu1_features(q)) and torch.equal(kf, elu1_features(k))
+    assert torch.equal(o, chunk.chunk_fwd(q, k, v, causal=True, elu1=True, norm=True)[0])
+    assert function._linear_attn_fwd(*(t.half() for t in (q, k, v)), None, True, 1e-6, True)[4].numel() == 0
+
+
 def test_float64_falls_back_and_bad_input_raises():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 9, 4, generator=g, dtype=torch.float64) for _ in range(3))
@@ -247,7 +268,8 @@ def test_compiles_for_hopper(monkeypatch):
     function.linear_attention_triton(q, k, v, causal=False).float().sum().backward()
     S, z = torch.rand(1, 2, 64, 64), torch.rand(1, 2, 64) + 1
     linear_attention_step(q[:, :, 0].detach(), k[:, :, 0].detach(), v[:, :, 0].detach(), S, z, backend="triton")
-    assert {"_prefix_kernel", "_state_kernel", "_bwd_chunk_kernel", "_step_kernel"} <= {s[1] for s in launches}
+    assert {"_prefix_kernel", "_state_kernel", "_bwd_chunk_kernel", "_step_kernel", "_elu1_kernel"} <= \
+        {s[1] for s in launches}
     compiled = compile_for_sm90(as_on_gpu(launches))  # bf16 dots, as a GPU runs them
     if isinstance(compiled, str):
         pytest.skip(f"no sm_90 toolchain here: {compiled}")

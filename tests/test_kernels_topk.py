@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("poison")
 # small tiles: 8 groups, 16 candidate slots, 2 persistent programs (several tiles each)
 CFG = dict(BM=16, BN=8, CAP=16, BS=16, KC=4, BMB=16, progs_per_sm=1)
 # 8 groups: 24 kept scores per row in A; other key tiles in the forward and backward
-THRESHOLD_CFG = dict(BM=16, BM_sel=16, BN=8, BN_fwd=16, BN_idx=32, BN_dq=8, BM_kv=8, BN_kv=16)
+THRESHOLD_CFG = dict(BM=16, BM_sel=16, BN_A=8, keep_A=4, BN=8, BN_fwd=16, BN_idx=32, BN_dq=8, BM_kv=8, BN_kv=16)
 DEFAULT_CFG = {"chunk": dict(chunk.CONFIG), "threshold": dict(threshold.CONFIG)}  # the GPU's, before small_tiles
 
 
@@ -188,7 +188,8 @@ def test_threshold_count_sweeps_repeat(monkeypatch):
     """4 groups keeping 3 scores each (12 per row; also the path of CONFIG["keep_A"] = 3) for k = 10 of 129 keys:
     sweep A's bound is loose, rows have many extra scores above it and their groups' lists run out, so R repeats
     (raising its bound each time) before the masked forward."""
-    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "BN": 4, "keep_A": 3})
+    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "BN_A": 4, "BN": 4, "keep_A": 3, "pops": 8,
+                                                   "slack": 2})
     q, k, v, kpm = inputs(2, 1, 40, 129, seed=5, pad=False)
     n3 = sweeps(q, k, v, 10, False)
     assert (n3 >= 3).all()  # the path under test is really taken
@@ -197,6 +198,19 @@ def test_threshold_count_sweeps_repeat(monkeypatch):
     monkeypatch.setitem(threshold.CONFIG, "keep_A", 3)
     check(q, k, v, 10, False)
     check(q, k, v, 10, True, seed=2)
+
+
+@pytest.mark.parametrize("bn_a", [16, 4])
+def test_threshold_two_kept_per_group(monkeypatch, bn_a):
+    """Sweep A keeping the 2 largest scores of each of BN_A groups (CONFIG["keep_A"] = 2; wider key tiles in A than
+    in R): exact for causal and padded rows; with 4 groups (8 kept scores for k = 10) there is no bound and R counts
+    every score, with 16 groups R starts from the bisection's bound."""
+    monkeypatch.setattr(threshold, "CONFIG", {**threshold.CONFIG, "BN_A": bn_a, "keep_A": 2, "pops": 12})
+    q, k, v, kpm = inputs(2, 1, 40, 129, seed=5, pad=True)
+    check(q, k, v, 10, False, kpm)
+    check(q, k, v, 10, True, seed=2)
+    q, k, v, _ = inputs(1, 2, 70, 70, seed=9, dtype=torch.bfloat16)
+    check(q, k, v, 6, True)
 
 
 @pytest.mark.parametrize("pops", [2, 6])
@@ -251,7 +265,7 @@ def test_threshold_tie_at_zero():
     4 kept per group, sweep A misses zeros (groups 0-3 hold 5 keys >= 0 each), so L < 0 and R pops up through the
     negative scores to a tie at +0.0. The tie split then selects s >= +0.0 for keys below tj, and -0.0 == +0.0:
     the float below +0.0 is the negative denormal (threshold._below), not -0.0, which would drop the zero keys."""
-    assert threshold.CONFIG["BN"] == 8 and threshold.CONFIG["keep_A"] == 4  # the layout below is for 8 groups
+    assert threshold.CONFIG["BN_A"] == 8 and threshold.CONFIG["keep_A"] == 4  # the layout below is for 8 groups
     g = torch.Generator().manual_seed(21)
     q = torch.zeros(1, 1, 6, 16)
     q[..., 0] = 0.5 + torch.rand(6, generator=g)

@@ -84,17 +84,21 @@ def _cast(x, LOWP: tl.constexpr):
 
 @triton.jit
 def _feat(x, m, ELU1: tl.constexpr):
-    """phi(x) on a float32 tile, 0 where m is False (padded rows/columns must add nothing; elu1(0) = 1 would)."""
-    if ELU1:
+    """phi(x) on a float32 tile, 0 where m is False (padded rows/columns must add nothing; elu1(0) = 1 would).
+    ELU1: 1 maps x here; 0 and 2 take x as the features (2: they are elu + 1 of the inputs, feature.py)."""
+    if ELU1 == 1:
         x = tl.where(x > 0, x + 1.0, tl.exp(x))
     return tl.where(m, x, 0.0)
 
 
 @triton.jit
 def _dfeat(g, x, ELU1: tl.constexpr):
-    """g * phi'(x): elu + 1 has slope 1 for x > 0 and exp(x) below; no feature map, slope 1."""
-    if ELU1:
+    """g * phi'(x): elu + 1 has slope 1 for x > 0 and exp(x) below (ELU1 = 1); from the features x = phi
+    themselves (ELU1 = 2) that slope is min(phi, 1); no feature map (0), slope 1."""
+    if ELU1 == 1:
         g = g * tl.where(x > 0, 1.0, tl.exp(x))
+    elif ELU1 == 2:
+        g = g * tl.minimum(x, 1.0)
     return g
 
 
@@ -672,7 +676,7 @@ def _serial_tiles(B, H, DK, DV, n_rows, BT, in_bytes, smem):
         return (B * H * triton.cdiv(DK, bk) * triton.cdiv(DV, bv) >= want
                 and chunk_smem("prefix", BT, bk, bv, in_bytes, 2) <= smem)
     while not ok() and max(bk, bv) > lo:
-        if bv >= bk:
+        if bv > bk or (bv == bk and CONFIG.get("serial_narrow", "v") == "v"):
             bv //= 2
         else:
             bk //= 2
@@ -739,7 +743,9 @@ def _prefix(x, y, o, r, dd, m, smb, T, B, H, tiles, common, *, reverse, elu1, ha
 def chunk_fwd(q, k, v, *, causal, elu1, norm, eps=1e-6, scale=None, mask=None):
     """Returns (o, r, S0, z0): o (B, H, T, dv) in q's dtype; r (B*H, T) float32 = 1/(den+eps) when norm (else the
     given scale, or None); S0, z0 (runs, B*H, d, dv) / (runs, B*H, d) the states each run starts from (bidirectional:
-    one, the total; causal without runs: None), saved for the backward: z0 float32, S0 in _state_dtype."""
+    one, the total; causal without runs: None), saved for the backward: z0 float32, S0 in _state_dtype.
+    elu1: the kernels map q and k by elu + 1 (1 / True), or q and k are the features (0 / False; 2: elu + 1 of the
+    inputs, mapped by feature.py, which matters only to the backward's slope)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, T, S, DK, DV, NV, m, smb, common, opts, key = _meta(q, k, v, mask, "fwd", CONFIG["fwd_warps"])
     try:
@@ -778,7 +784,9 @@ def _fwd(q, k, v, causal, elu1, norm, eps, scale, B, H, T, S, DK, DV, NV, m, smb
 
 @_retry
 def chunk_bwd(q, k, v, o, do, r, S0, z0, *, causal, elu1, norm, scale=False, mask=None):
-    """Gradients (dq, dk, dv) of chunk_fwd's o, given what it returned. ``scale``: r is a given row scale."""
+    """Gradients (dq, dk, dv) of chunk_fwd's o, given what it returned. ``scale``: r is a given row scale. elu1 as
+    in chunk_fwd; with 2, q and k are the features phi and dq, dk the gradients of the inputs they were mapped from
+    (the slope min(phi, 1), _dfeat)."""
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     run = causal and S0 is not None and S0.shape[0] > 1
     B, H, T, S, DK, DV, NV, m, smb, common, opts, key = _meta(q, k, v, mask, "bwd",

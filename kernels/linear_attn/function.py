@@ -10,6 +10,7 @@ import torch
 
 from .. import eager_or_compiled
 from .chunk import chunk_bwd, chunk_fwd, fwd_runs
+from .feature import elu1_features
 from .reference import linear_attention_chunked_torch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -19,13 +20,24 @@ def _none(t):
     return None if t.numel() == 0 else t
 
 
+def _mapped(q, elu1):
+    """Whether q and k reach the kernels as features mapped once by feature.py: elu + 1 with bfloat16 or float32
+    inputs. float16 keeps the map inside the kernels, whose float32 features hold exp(x) below float16's range."""
+    return elu1 and q.dtype != torch.float16
+
+
 def _linear_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-                    eps: float, elu1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, r, S0, z0): see chunk_fwd; a missing S0 / z0 is an empty tensor (custom ops return tensors only)."""
-    o, r, S0, z0 = chunk_fwd(q, k, v, causal=causal, elu1=elu1, norm=True, eps=eps, mask=mask)
+                    eps: float, elu1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor, torch.Tensor]:
+    """(o, r, S0, z0, qf, kf): see chunk_fwd; qf, kf the features phi(q), phi(k) when mapped before the kernels
+    (_mapped; the backward takes them in place of q, k), else empty; a missing S0 / z0 is an empty tensor (custom
+    ops return tensors only)."""
+    qf, kf = (elu1_features(q), elu1_features(k)) if _mapped(q, elu1) else (q.new_empty(0), k.new_empty(0))
+    o, r, S0, z0 = chunk_fwd(*((qf, kf) if qf.numel() else (q, k)), v, causal=causal, elu1=elu1 and not qf.numel(),
+                             norm=True, eps=eps, mask=mask)
     if S0 is None:
         S0, z0 = r.new_empty(0), r.new_empty(0)
-    return o, r, S0, z0
+    return o, r, S0, z0, qf, kf
 
 
 linear_attn_fwd = torch.library.custom_op("attnlab::linear_attn_fwd", _linear_attn_fwd, mutates_args=())
@@ -38,15 +50,18 @@ def _(q, k, v, mask, causal, eps, elu1):
     o = q.new_empty(B, T, H, DV).transpose(1, 2)  # chunk_fwd's layout: merge_heads is free
     r = q.new_empty(B * H, T, dtype=torch.float32)
     n, sdt = fwd_runs(q, k, v, causal)
+    qf, kf = (torch.empty_like(q), torch.empty_like(k)) if _mapped(q, elu1) else (q.new_empty(0), k.new_empty(0))
     if n == 0:
-        return o, r, r.new_empty(0), r.new_empty(0)
-    return o, r, r.new_empty(n, B * H, DK, DV, dtype=sdt), r.new_empty(n, B * H, DK)
+        return o, r, r.new_empty(0), r.new_empty(0), qf, kf
+    return o, r, r.new_empty(n, B * H, DK, DV, dtype=sdt), r.new_empty(n, B * H, DK), qf, kf
 
 
 def _linear_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
                     r: torch.Tensor, S0: torch.Tensor, z0: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-                    elu1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = chunk_bwd(q, k, v, o, do, r, _none(S0), _none(z0), causal=causal, elu1=elu1, norm=True, mask=mask)
+                    feature: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """feature: chunk_bwd's elu1 (2: q, k are the features qf, kf the forward mapped)."""
+    dq, dk, dv = chunk_bwd(q, k, v, o, do, r, _none(S0), _none(z0), causal=causal, elu1=feature, norm=True,
+                           mask=mask)
     return _layout_of(q, dq), _layout_of(k, dk), _layout_of(v, dv)
 
 
@@ -64,24 +79,25 @@ linear_attn_bwd = torch.library.custom_op("attnlab::linear_attn_bwd", _linear_at
 
 
 @linear_attn_bwd.register_fake
-def _(q, k, v, o, do, r, S0, z0, mask, causal, elu1):
+def _(q, k, v, o, do, r, S0, z0, mask, causal, feature):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
     q, k, v, mask, causal, eps, elu1 = inputs
-    o, r, S0, z0 = output
-    # saved: inputs, output, r = 1/(den+eps) (T floats per head) and the run start states (d x dv per head and
-    # run); the backward recomputes features, scores and the causal scan states
-    ctx.save_for_backward(q, k, v, o, r, S0, z0, mask)
-    ctx.causal, ctx.elu1 = causal, elu1
+    o, r, S0, z0, qf, kf = output
+    # saved: q and k (or their features, as large), v, the output, r = 1/(den+eps) (T floats per head) and the run
+    # start states (d x dv per head and run); the backward recomputes scores and the causal scan states
+    mapped = _mapped(q, elu1)
+    ctx.save_for_backward(qf if mapped else q, kf if mapped else k, v, o, r, S0, z0, mask)
+    ctx.causal, ctx.feature = causal, 2 if mapped else int(elu1)
 
 
 def _backward(bwd):
     """The backward formula, through ``bwd``: the custom op in compiled graphs, its body in eager mode."""
-    def backward(ctx, do, dr, dS0, dz0):
+    def backward(ctx, do, dr, dS0, dz0, dqf, dkf):
         q, k, v, o, r, S0, z0, mask = ctx.saved_tensors
-        dq, dk, dv = bwd(q, k, v, o, do, r, S0, z0, mask, ctx.causal, ctx.elu1)
+        dq, dk, dv = bwd(q, k, v, o, do, r, S0, z0, mask, ctx.causal, ctx.feature)
         return dq, dk, dv, None, None, None, None
     return backward
 

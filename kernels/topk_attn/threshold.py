@@ -8,18 +8,18 @@ backward at long T), deterministic up to CONFIG["sparse_bwd_T"] rows (no atomics
 
 Finding t, per tile of BM query rows, in sweeps over the key tiles (s = raw dot q . k; scale > 0 keeps the order):
 
-A. Per group (key j is in group j mod BN) the keep_A (CONFIG, 4) largest scores and the row max. A bisection on
+A. Per group (key j is in group j mod BN_A) the keep_A (CONFIG, 2) largest scores and the row max. A bisection on
    the kept scores' order-preserving int32 bits, inside [the smallest group max, the row max], finds L with
-   k .. k + slack of the keep_A * BN kept scores >= L: a lower bound of the row's k-th largest, as they are
+   k .. k + slack of the keep_A * BN_A kept scores >= L: a lower bound of the row's k-th largest, as they are
    distinct scores. A score above L is missed only if its group holds more than keep_A of the row's top k; with
-   64 groups, keep_A = 4 and k = 64 that is ~0.3 scores per random row (128 groups and keep_A = 3: ~0.25, but 384
-   kept scores per row make each bisection step slower than 256 do; NOTES.md, session 10).
-R. Count c = #{s > lo} (lo = the float just below L) and keep the 3 smallest scores > lo of every group. With
-   e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo), exact up to
-   the smallest 3rd entry of a full list (the scores no list holds lie above it). e = 0 -> t between lo and
-   u_1; 1 <= e < pops and u_(e+1) exact -> t between u_e and u_(e+1); otherwise lo rises to the last exact u_j
-   (j <= e) and R repeats (0.4-0.6% of the 64-row tiles of random inputs at the defaults, T = 4096 ... 16384;
-   3-6% with 6 pops).
+   128 groups, keep_A = 2 and k = 64 that is ~2 scores per random row, for R to pop (64 groups keeping 4: ~0.3,
+   but 7 compares per score instead of 3; NOTES.md, sessions 10 and 14).
+R. Count c = #{s > lo} (lo = the float just below L) and keep the 3 smallest scores > lo of every one of BN
+   groups. With e = c - k, popping the merged lists in order gives u_1 <= u_2 <= ... (the smallest scores > lo),
+   exact up to the smallest 3rd entry of a full list (the scores no list holds lie above it). e = 0 -> t between
+   lo and u_1; 1 <= e < pops and u_(e+1) exact -> t between u_e and u_(e+1); otherwise lo rises to the last exact
+   u_j (j <= e) and R repeats (4-6% of the 64-row tiles of random inputs at the defaults, T = 4096 / 8192; 0.3-0.8%
+   with 64 groups keeping 4 in A).
    t lies strictly inside the gap (halfway between u_e and u_(e+1), or between lo and u_1), and the kernels that
    compare scores with it recompute them with the same bits (see below).
 T. Only when the boundary is a tie (two keys with the k-th score): t = that score and tj is found by bisection on
@@ -49,12 +49,12 @@ import triton.language as tl
 from ..fit import reg_cap
 from .chunk import LOG2E, NEG, _key_tile, _pow2, _row_tile, _scores, _store_where, _tile_scores
 
-# BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN keys per
-# selection tile (= the number of groups; keep_A * BN >= k, or the bound is -inf and R counts all; keep_A: the
-# scores each group keeps in sweep A, 3 or 4), BN_fwd / BN_dq keys per forward / dq tile (dq_maxnreg: the dq
-# kernel's register cap for 2-byte inputs, fit.reg_cap: its 64-key tiles fit 128, two CTAs per SM); the dk/dv
-# kernel: BN_kv keys per program, BM_kv query rows per step of its sweep over the query tiles that see them, at
-# kv_warps warps (a score's bits do not depend on the tile shape, see the module docstring).
+# BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN_A / BN
+# keys per tile of sweep A / R and T (= their numbers of groups; keep_A * BN_A >= k, or the bound is -inf and R
+# counts all; keep_A: the scores each group keeps in sweep A, 2, 3 or 4), BN_fwd / BN_dq keys per forward / dq
+# tile (dq_maxnreg: the dq kernel's register cap for 2-byte inputs, fit.reg_cap: its 64-key tiles fit 128, two
+# CTAs per SM); the dk/dv kernel: BN_kv keys per program, BM_kv query rows per step of its sweep over the query
+# tiles that see them, at kv_warps warps (a score's bits do not depend on the tile shape, see the module docstring).
 # SEL_BITS: at most that many bisection steps for L (fewer: a lower L, more for R to remove); a row's bisection
 # stops at <= k + slack kept scores >= L; R pops at most `pops` scores per sweep. atomic_dq: the dk/dv kernel adds
 # dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). sparse_bwd_T: from
@@ -64,10 +64,10 @@ from .chunk import LOG2E, NEG, _key_tile, _pow2, _row_tile, _scores, _store_wher
 # (the forward then runs over groups of heads, each decoded before the next). stages: pipeline
 # stages of the selection and forward kernels, bwd_stages of the backward ones (float32 inputs: at most 2, _stages).
 # Tuned on an H200 (NOTES.md).
-CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN": 64, "warps": 8, "stages": 3, "bwd_warps": 8,
+CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN_A": 128, "BN": 64, "warps": 8, "stages": 3, "bwd_warps": 8,
           "bwd_stages": 3, "BN_fwd": 64, "BN_dq": 64, "dq_maxnreg": 128, "BM_kv": 64, "BN_kv": 64, "kv_warps": 4,
-          "SEL_BITS": 32, "slack": 2, "pops": 8, "keep_A": 4, "atomic_dq": False, "sparse_bwd_T": 16384, "BN_idx": 128,
-          "BR_dec": 16, "list_bytes": 1 << 30}
+          "SEL_BITS": 32, "slack": 1, "pops": 16, "keep_A": 2, "atomic_dq": False, "sparse_bwd_T": 16384,
+          "BN_idx": 128, "BR_dec": 16, "list_bytes": 1 << 30}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
 
@@ -102,15 +102,18 @@ def _order(a, x, LARGEST: tl.constexpr):
 
 @triton.jit
 def _keep(a1, a2, a3, a4, x, LARGEST: tl.constexpr, N: tl.constexpr):
-    """Elementwise insertion of x into the sorted lists a1 .. aN (N = 3 or 4; a4 is passed through when N = 3):
-    the N largest (LARGEST) or smallest so far."""
+    """Elementwise insertion of x into the sorted lists a1 .. aN (N = 2, 3 or 4; the lists past N are passed
+    through): the N largest (LARGEST) or smallest so far."""
     a1, x = _order(a1, x, LARGEST)
-    a2, x = _order(a2, x, LARGEST)
-    if N == 4:
-        a3, x = _order(a3, x, LARGEST)
-        a4, _ = _order(a4, x, LARGEST)
+    if N == 2:
+        a2, _ = _order(a2, x, LARGEST)
     else:
-        a3, _ = _order(a3, x, LARGEST)
+        a2, x = _order(a2, x, LARGEST)
+        if N == 4:
+            a3, x = _order(a3, x, LARGEST)
+            a4, _ = _order(a4, x, LARGEST)
+        else:
+            a3, _ = _order(a3, x, LARGEST)
     return a1, a2, a3, a4
 
 
@@ -120,7 +123,9 @@ def _bisect_step(g1, g2, g3, g4, a, z, c, act, KK, SLACK: tl.constexpr, KEEP: tl
     summed in float32: half the instructions of int32 compares and selects); the rows that stop (KK .. KK + SLACK
     of them, or a bracket of one key) leave act."""
     cf = _unkey(c.to(tl.int32))[:, None]
-    n = tl.where(g1 >= cf, 1.0, 0.0) + tl.where(g2 >= cf, 1.0, 0.0) + tl.where(g3 >= cf, 1.0, 0.0)
+    n = tl.where(g1 >= cf, 1.0, 0.0) + tl.where(g2 >= cf, 1.0, 0.0)
+    if KEEP >= 3:
+        n += tl.where(g3 >= cf, 1.0, 0.0)
     if KEEP == 4:
         n += tl.where(g4 >= cf, 1.0, 0.0)
     n = tl.sum(n, 1)
@@ -201,7 +206,7 @@ def _cut(cols, t, tj):
 @triton.jit
 def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
                    sqb, sqh, sqt, skb, skh, skt, smb,
-                   BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr,
+                   BM: tl.constexpr, BNA: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SEL_BITS: tl.constexpr,
                    SLACK: tl.constexpr, POPS: tl.constexpr, KEEP_A: tl.constexpr, WITH_STATS: tl.constexpr,
                    STOP: tl.constexpr):
@@ -214,12 +219,12 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
                                                 BM, DP, CAUSAL, UPCAST)
 
     # A. the KEEP_A largest scores of every group
-    g1 = tl.full([BM, BN], NEG, tl.float32)
-    g2 = tl.full([BM, BN], NEG, tl.float32)
-    g3 = tl.full([BM, BN], NEG, tl.float32)
-    g4 = tl.full([BM, BN], NEG, tl.float32)
-    for n0 in range(0, n_end, BN):
-        s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+    g1 = tl.full([BM, BNA], NEG, tl.float32)
+    g2 = tl.full([BM, BNA], NEG, tl.float32)
+    g3 = tl.full([BM, BNA], NEG, tl.float32)
+    g4 = tl.full([BM, BNA], NEG, tl.float32)
+    for n0 in range(0, n_end, BNA):
+        s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BNA, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
         g1, g2, g3, g4 = _keep(g1, g2, g3, g4, s, True, KEEP_A)
     r = bh.to(tl.int64) * T + rows
     mx = tl.max(g1, 1)
@@ -233,8 +238,11 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
     # extra ones), the tile when every row has stopped.
     f1 = g1 > NEG
     n1 = tl.sum(f1.to(tl.int32), 1)
-    nk = n1 + tl.sum((g2 > NEG).to(tl.int32), 1) + tl.sum((g3 > NEG).to(tl.int32), 1)
-    least = tl.where(g3 > NEG, g3, tl.where(g2 > NEG, g2, tl.where(f1, g1, POS)))  # smallest kept, per group
+    nk = n1 + tl.sum((g2 > NEG).to(tl.int32), 1)
+    least = tl.where(g2 > NEG, g2, tl.where(f1, g1, POS))  # smallest kept, per group
+    if KEEP_A >= 3:
+        nk += tl.sum((g3 > NEG).to(tl.int32), 1)
+        least = tl.where(g3 > NEG, g3, least)
     if KEEP_A == 4:
         nk += tl.sum((g4 > NEG).to(tl.int32), 1)
         least = tl.where(g4 > NEG, g4, least)
@@ -604,8 +612,8 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None, in
     NS = triton.cdiv(T, BMS)
     _select_kernel[(NS, B * H)](
         q, k, kpm, mx, tt, tj, tj if stats is None else stats, T, S, H, DK, S - T, topk, NS, *q.stride()[:3],
-        *k.stride()[:3], kpm.stride(0), BM=BMS, BN=CONFIG["BN"], SEL_BITS=CONFIG["SEL_BITS"], SLACK=CONFIG["slack"],
-        POPS=CONFIG["pops"], KEEP_A=CONFIG["keep_A"], WITH_STATS=stats is not None, STOP=stop,
+        *k.stride()[:3], kpm.stride(0), BM=BMS, BNA=CONFIG["BN_A"], BN=CONFIG["BN"], SEL_BITS=CONFIG["SEL_BITS"],
+        SLACK=CONFIG["slack"], POPS=CONFIG["pops"], KEEP_A=CONFIG["keep_A"], WITH_STATS=stats is not None, STOP=stop,
         num_warps=CONFIG["sel_warps"], **meta)
     if stop:
         return out, lse, tt, tj, I
