@@ -28,8 +28,8 @@ class LinearAttention(Attention):
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
     def features(self, x: torch.Tensor, is_query: bool) -> tuple[torch.Tensor, str | None]:
-        """(B, H, T, d) projections -> (input to the op, the feature map the op applies). elu+1 is left to the op,
-        where the Triton kernel fuses it."""
+        """(B, H, T, d) projections -> (input to the op, the feature map the op applies). elu+1 is left to the op:
+        its Triton path maps q and k in one pass and keeps the features for the backward (kernels/linear_attn)."""
         return x, "elu1"
 
     def mapped(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
