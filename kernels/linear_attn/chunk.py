@@ -676,7 +676,7 @@ def _serial_tiles(B, H, DK, DV, n_rows, BT, in_bytes, smem):
         return (B * H * triton.cdiv(DK, bk) * triton.cdiv(DV, bv) >= want
                 and chunk_smem("prefix", BT, bk, bv, in_bytes, 2) <= smem)
     while not ok() and max(bk, bv) > lo:
-        if bv > bk or (bv == bk and CONFIG.get("serial_narrow", "v") == "v"):
+        if bv >= bk:
             bv //= 2
         else:
             bk //= 2

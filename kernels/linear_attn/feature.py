@@ -4,8 +4,8 @@ Mapping inside the chunk kernels cost 0.20 of linear attention's 0.78 ms fwd+bwd
 each of the four kernels maps its q / k tiles again, and the serial state pass waits on every tile's exponentials
 (kernels/NOTES.md, session 14). This pass reads x and writes phi(x) once, in x's dtype: for bfloat16 the same bits
 as the kernels' own map (float32 math, then rounded for the dot), for float32 the same values. The backward then
-takes phi'(x) from phi(x) itself: 1 above 1 (x > 0), phi(x) = exp(x) at or below (chunk._dfeat, ELU1 = 2).
-"""
+takes phi'(x) from phi(x) itself: 1 where phi > 1 (x > 0), phi elsewhere, where phi = exp(x) (chunk._dfeat,
+ELU1 = 2)."""
 from __future__ import annotations
 
 import torch
