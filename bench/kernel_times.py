@@ -29,20 +29,17 @@ from bench_attention import graphed  # bench/ is on sys.path when run as `python
 def make(op, B, H, T):
     """(inputs with requires_grad, fn) for one op at one shape."""
     dev, dt = "cuda", torch.bfloat16
-    if op == "linear":
+    if op in ("linear", "linear_mapped"):  # linear_mapped: features mapped outside, the normalizer inside
         from attnlab.kernels.linear_attn import linear_attention
+        fmap = "elu1" if op == "linear" else None
         xs = [torch.randn(B, H, T, 64, device=dev, dtype=dt) for _ in range(3)]
-        return xs, lambda q, k, v: linear_attention(q, k, v, causal=True, backend="triton")
+        xs[:2] = [x if fmap else x.sigmoid() for x in xs[:2]]
+        return xs, lambda q, k, v: linear_attention(q, k, v, causal=True, feature_map=fmap, backend="triton")
     if op == "memsizer":
         from attnlab.kernels.memsizer import memsizer
         xs = [torch.randn(B, T, 32, device=dev).softmax(-1).to(dt) for _ in range(2)]
         xs.append(torch.randn(B, T, H * 64, device=dev, dtype=dt))
         return xs, lambda p, a, v: memsizer(p, a, v, causal=True, backend="triton")
-    if op == "linear_mapped":  # features mapped outside, the normalizer inside: what the feature map costs
-        from attnlab.kernels.linear_attn import linear_attention
-        xs = [torch.randn(B, H, T, 64, device=dev, dtype=dt).sigmoid() for _ in range(2)]
-        xs.append(torch.randn(B, H, T, 64, device=dev, dtype=dt))
-        return xs, lambda q, k, v: linear_attention(q, k, v, causal=True, feature_map=None, backend="triton")
     if op == "linear_raw":  # attnlab's chunk kernels doing fla's math: features mapped outside, no normalizer
         from attnlab.kernels.linear_attn.chunk import chunk_bwd, chunk_fwd
 
