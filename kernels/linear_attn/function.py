@@ -32,8 +32,9 @@ def _linear_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """(o, r, S0, z0, qf, kf): see chunk_fwd; qf, kf the features phi(q), phi(k) when mapped before the kernels
     (_mapped; the backward takes them in place of q, k), else empty; a missing S0 / z0 is an empty tensor (custom
     ops return tensors only)."""
-    qf, kf = (elu1_features(q), elu1_features(k)) if _mapped(q, elu1) else (q.new_empty(0), k.new_empty(0))
-    o, r, S0, z0 = chunk_fwd(*((qf, kf) if qf.numel() else (q, k)), v, causal=causal, elu1=elu1 and not qf.numel(),
+    mapped = _mapped(q, elu1)
+    qf, kf = (elu1_features(q), elu1_features(k)) if mapped else (q.new_empty(0), k.new_empty(0))
+    o, r, S0, z0 = chunk_fwd(qf if mapped else q, kf if mapped else k, v, causal=causal, elu1=elu1 and not mapped,
                              norm=True, eps=eps, mask=mask)
     if S0 is None:
         S0, z0 = r.new_empty(0), r.new_empty(0)
