@@ -103,6 +103,20 @@ def _dfeat(g, x, ELU1: tl.constexpr):
 
 
 @triton.jit
+def _wcols(w, LOWP: tl.constexpr):
+    """The weights w (BT,) as a (BT, 16) dot operand: X^T times it has X^T w in its first two columns (w's leading
+    bits in column 0, the rest in 1; a bf16 / tf32 operand keeps about 8 / 10 bits of each, so their sum is close
+    to float32's X^T w). A weighted column sum on the tensor cores: no shuffles in a serial loop, and the loads w
+    comes from feed a dot, so Triton's pipeliner prefetches them like the dots' own operands."""
+    col = tl.arange(0, 16)[None, :]
+    if LOWP == 0:  # float32 operands, which a tf32 dot rounds to 10 mantissa bits: keep 10 in the first part
+        hi = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    else:
+        hi = _cast(w, LOWP).to(tl.float32)
+    return _cast(tl.where(col == 0, hi[:, None], tl.where(col == 1, (w - hi)[:, None], 0.0)), LOWP)
+
+
+@triton.jit
 def _lt(idx, N: tl.constexpr, BN: tl.constexpr):
     """idx < N for a tile index of size BN; a constant when tiles divide N, so full tiles carry no column mask."""
     if N % BN == 0:
@@ -210,7 +224,7 @@ def _prefix_kernel(X, Y, O, R, DD, M, SO, ZO, T, H, sxb, sxh, sxt, syb, syh, syt
     R += bh.to(tl.int64) * T
     DD += bh.to(tl.int64) * T
     S = tl.zeros([BK, BV], dtype=tl.float32)
-    z = tl.zeros([BK], dtype=tl.float32)
+    z = tl.zeros([BK, 16], dtype=tl.float32)  # z = its row sums: X^T times _wcols(w)
     NC = tl.cdiv(T, BT)
     for i in range(NC):
         if REVERSE:
@@ -221,7 +235,7 @@ def _prefix_kernel(X, Y, O, R, DD, M, SO, ZO, T, H, sxb, sxh, sxt, syb, syh, syt
         tl.store(SO + base * DK * DV + ck[:, None] * DV + cv[None, :], S.to(SO.dtype.element_ty),
                  mask=mkc[:, None] & mvc[None, :])
         if pv == 0:
-            tl.store(ZO + base * DK + ck, z, mask=mkc)
+            tl.store(ZO + base * DK + ck, tl.sum(z, 1), mask=mkc)
         cb = c * BT  # offsets inside one (b, h) slice are int32 (the launcher checks they fit)
         rows = cb + ti
         rmask = rows < T
@@ -243,9 +257,9 @@ def _prefix_kernel(X, Y, O, R, DD, M, SO, ZO, T, H, sxb, sxh, sxt, syb, syh, syt
             y = y * r[:, None]
         S += tl.dot(xT, _cast(y, LOWP), input_precision=PREC)
         if WEIGHT == 0:
-            z += tl.sum(xT.to(tl.float32), 1)
+            z = tl.dot(xT, _wcols(tl.full([BT], 1.0, tl.float32), LOWP), z, input_precision=PREC)
         elif WEIGHT != 3:
-            z += tl.sum(xT.to(tl.float32) * w[None, :], 1)
+            z = tl.dot(xT, _wcols(w, LOWP), z, input_precision=PREC)
 
 
 @triton.jit
@@ -530,6 +544,10 @@ def _bwd_chunk_kernel(Q, K, V, DO, DQ, DK_, DV_, S0, Z0, R0, W0, R, DD, M, T, H,
     dq += tl.dot(G, kc, input_precision=PREC)
     dk += tl.dot(tl.trans(G), qc, input_precision=PREC)
     dv = tl.dot(kc, _cast(Rs, LOWP), input_precision=PREC) + tl.dot(tl.trans(A), dnc, input_precision=PREC)
+    if ELU1 == 2:  # the slope from the features loaded again (from L2; ".cg" keeps the loads apart, which CSE
+        # would merge): kept from the start, q and k took 28 registers
+        qraw = tl.load(Q + ti[:, None] * sqt + ck[None, :], mask=mq, other=0.0, cache_modifier=".cg").to(tl.float32)
+        kraw = tl.load(K + ti[:, None] * skt + ck[None, :], mask=mk, other=0.0, cache_modifier=".cg").to(tl.float32)
     dq = _dfeat(dq, qraw, ELU1)
     dk = tl.where(mk, _dfeat(dk, kraw, ELU1), 0.0)
     DQ += pid_v.to(tl.int64) * sgv + b.to(tl.int64) * sgb + h * sgh + cb * sgt
@@ -828,7 +846,9 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
         _bwd_chunk_kernel[(NV, B * H, nc)](q, k, v, do, dq, dk, dv, S0, z0, R0, W0, rr, dd, m, T, H,
                                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gq,
                                            *gk, *dv.stride()[:3], smb, ELU1=elu1, NORM=norm, SCALE=scale, **common,
-                                           num_warps=CONFIG["chunk_bwd_warps"], num_stages=opts["num_stages"])
+                                           num_warps=CONFIG["chunk_bwd_warps"], num_stages=opts["num_stages"],
+                                           **(reg_cap(CONFIG, "chunk_bwd", q) if common["BK"] * common["BV"] <= 4096
+                                              else {}))
     else:  # by runs: the query-side kernel (dq; the runs' R, w sums for a scan), a scan, the key-side kernel
         acc_r = not causal or run
         Rp = Wp = q
