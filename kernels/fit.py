@@ -73,7 +73,7 @@ def chunk_tiles(kernel: str, BT: int, BK: int, BV: int) -> list[tuple[int, int, 
     if kernel == "state":
         return [(BK, BT, "load"), (BT, BV, "load")]
     if kernel == "prefix":  # X^T, Y and (backward) y loads; the state and the weight columns (_wcols) as operands
-        return [(BK, BT, "load"), (BT, BV, "load"), (BT, BV, "load"), (BK, BV, "dot"), (BT, 16, "dot")]
+        return [(BK, BT, "load"), (BT, BV, "load"), (BT, BV, "load"), (BK, BV, "dot"), (BT, BV, "dot")]
     if kernel == "fwd":
         return [(BT, BK, "load"), (BK, BT, "load"), (BT, BV, "load"), (BK, BV, "dot"), (BT, BT, "dot"),
                 (BT, BV, "f32")]

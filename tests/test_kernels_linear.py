@@ -6,6 +6,7 @@ import torch
 pytest.importorskip("triton")
 pytest.importorskip("numpy")
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import attnlab.kernels.linear_attn.chunk as chunk  # noqa: E402
 import attnlab.kernels.linear_attn.function as function  # noqa: E402
@@ -123,6 +124,28 @@ def test_unmapped_features_and_split_heads_layout(poison):
     assert all(gr.stride() == t.stride() for gr, t in zip(grads, x))  # the grads too: no copy for the projections
     for a, b in zip(grads, torch.autograd.grad(y64, x64, dy.double())):
         assert rel(a, b) < 1e-5
+
+
+@triton.jit
+def _wcols_probe(X, W, O, LOWP: tl.constexpr):
+    i, j = tl.arange(0, 16), tl.arange(0, 64)
+    xT = chunk._cast(tl.load(X + i[:, None] * 64 + j[None, :]), LOWP)
+    z = tl.dot(xT, chunk._wcols(tl.load(W + j), 32, LOWP))
+    tl.store(O + i, tl.sum(z, 1))
+
+
+@pytest.mark.parametrize("lowp", [0, 2])
+def test_weighted_column_sums_keep_float32_weights(lowp):
+    """The serial passes' X^T w as a dot with _wcols(w): with bf16 operands (LOWP 2, the interpreter's bf16) w is
+    split over two columns, so the sum keeps ~16 of w's bits (one rounded column: ~8, a relative error ~1e-3)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 64, generator=g) + 0.1  # features: positive
+    w = torch.randn(64, generator=g) * torch.exp(3 * torch.randn(64, generator=g))
+    xr = x.bfloat16().float() if lowp == 2 else x
+    out = torch.empty(16)
+    _wcols_probe[(1,)](xr, w, out, LOWP=lowp)
+    ref = xr.double() @ w.double()
+    assert rel(out, ref) < 3e-5, rel(out, ref)
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])

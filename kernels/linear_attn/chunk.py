@@ -60,11 +60,13 @@ from ..fit import MIN_BK, NoFit, _p2, chunk_smem, fit_chunk, is_oor, reg_cap, sm
 # "chunk_bwd_warps": the fused chunk backward (4: 0.31 ms at B=8, H=16, T=4096; 8 warps: 0.52). "fwd_maxnreg": the
 # forward kernel's register cap for 2-byte inputs and state tiles of at most 4096 entries (linear attention's
 # 64 x 64, MemSizer's 32 x 128; fit.reg_cap): three CTAs per SM instead of two (201 registers uncapped),
-# linear 0.181 -> 0.145 ms at B=8, H=16, T=4096 (session 13).
+# linear 0.181 -> 0.145 ms at B=8, H=16, T=4096 (session 13). "chunk_bwd_maxnreg": the same for the fused chunk
+# backward, bf16 only (float16's float32 tiles spill 632 bytes under it): 170 -> 168 registers, three CTAs per SM,
+# 0.239 -> 0.212 ms on mapped features at B=8, H=16, T=4096 (session 15).
 CONFIG = {"BT": 64, "BV": 64, "state": 4096, "fwd_warps": 4, "bwd_warps": 8, "stages": 2,
           "programs": 2112, "run_min_chunks": 32, "run_bwd_warps": 4, "fill": 128, "one_chunk_runs": 64,
           "serial_programs": 128, "serial_tile": 64, "serial_warps": 4, "serial_stages": 3, "chunk_bwd_warps": 4,
-          "fwd_maxnreg": 160}
+          "fwd_maxnreg": 160, "chunk_bwd_maxnreg": 168}
 # kernels launched together share one dv-tile
 GROUPS = {"fwd": ("state", "fwd"), "bwd": ("bwd_q", "bwd_kv", "bwd_chunk")}
 
@@ -103,12 +105,14 @@ def _dfeat(g, x, ELU1: tl.constexpr):
 
 
 @triton.jit
-def _wcols(w, LOWP: tl.constexpr):
-    """The weights w (BT,) as a (BT, 16) dot operand: X^T times it has X^T w in its first two columns (w's leading
+def _wcols(w, N: tl.constexpr, LOWP: tl.constexpr):
+    """The weights w (BT,) as a (BT, N) dot operand: X^T times it has X^T w in its first two columns (w's leading
     bits in column 0, the rest in 1; a bf16 / tf32 operand keeps about 8 / 10 bits of each, so their sum is close
-    to float32's X^T w). A weighted column sum on the tensor cores: no shuffles in a serial loop, and the loads w
-    comes from feed a dot, so Triton's pipeliner prefetches them like the dots' own operands."""
-    col = tl.arange(0, 16)[None, :]
+    to float32's X^T w). A weighted column sum on the tensor cores: no shuffles in the serial loop, and the loads w
+    comes from feed a dot, so Triton's pipeliner prefetches them like the dots' own operands (the backward's y
+    tile was a plain load waited on in every step). N: the state tile's width, as the value tile the same loop
+    multiplies; a 16-wide bf16 operand gave wrong sums on the H200 (Triton 3.6; kernels/NOTES.md, session 15)."""
+    col = tl.arange(0, N)[None, :]
     if LOWP == 0:  # float32 operands, which a tf32 dot rounds to 10 mantissa bits: keep 10 in the first part
         hi = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
     else:
@@ -224,7 +228,7 @@ def _prefix_kernel(X, Y, O, R, DD, M, SO, ZO, T, H, sxb, sxh, sxt, syb, syh, syt
     R += bh.to(tl.int64) * T
     DD += bh.to(tl.int64) * T
     S = tl.zeros([BK, BV], dtype=tl.float32)
-    z = tl.zeros([BK, 16], dtype=tl.float32)  # z = its row sums: X^T times _wcols(w)
+    z = tl.zeros([BK, BV], dtype=tl.float32)  # z = its row sums: X^T times _wcols(w), as S is X^T times Y
     NC = tl.cdiv(T, BT)
     for i in range(NC):
         if REVERSE:
@@ -257,9 +261,9 @@ def _prefix_kernel(X, Y, O, R, DD, M, SO, ZO, T, H, sxb, sxh, sxt, syb, syh, syt
             y = y * r[:, None]
         S += tl.dot(xT, _cast(y, LOWP), input_precision=PREC)
         if WEIGHT == 0:
-            z = tl.dot(xT, _wcols(tl.full([BT], 1.0, tl.float32), LOWP), z, input_precision=PREC)
-        elif WEIGHT != 3:
-            z = tl.dot(xT, _wcols(w, LOWP), z, input_precision=PREC)
+            w = tl.full([BT], 1.0, tl.float32)
+        if WEIGHT != 3:
+            z = tl.dot(xT, _wcols(w, BV, LOWP), z, input_precision=PREC)
 
 
 @triton.jit
@@ -545,7 +549,7 @@ def _bwd_chunk_kernel(Q, K, V, DO, DQ, DK_, DV_, S0, Z0, R0, W0, R, DD, M, T, H,
     dk += tl.dot(tl.trans(G), qc, input_precision=PREC)
     dv = tl.dot(kc, _cast(Rs, LOWP), input_precision=PREC) + tl.dot(tl.trans(A), dnc, input_precision=PREC)
     if ELU1 == 2:  # the slope from the features loaded again (from L2; ".cg" keeps the loads apart, which CSE
-        # would merge): kept from the start, q and k took 28 registers
+        # would merge): kept from the start, q and k took 28 registers, and 168 (three CTAs per SM) spilled 128 bytes
         qraw = tl.load(Q + ti[:, None] * sqt + ck[None, :], mask=mq, other=0.0, cache_modifier=".cg").to(tl.float32)
         kraw = tl.load(K + ti[:, None] * skt + ck[None, :], mask=mk, other=0.0, cache_modifier=".cg").to(tl.float32)
     dq = _dfeat(dq, qraw, ELU1)
@@ -847,8 +851,8 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
                                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gq,
                                            *gk, *dv.stride()[:3], smb, ELU1=elu1, NORM=norm, SCALE=scale, **common,
                                            num_warps=CONFIG["chunk_bwd_warps"], num_stages=opts["num_stages"],
-                                           **(reg_cap(CONFIG, "chunk_bwd", q) if common["BK"] * common["BV"] <= 4096
-                                              else {}))
+                                           **(reg_cap(CONFIG, "chunk_bwd", q)
+                                              if common["BK"] * common["BV"] <= 4096 and q.dtype == torch.bfloat16 else {}))
     else:  # by runs: the query-side kernel (dq; the runs' R, w sums for a scan), a scan, the key-side kernel
         acc_r = not causal or run
         Rp = Wp = q

@@ -66,7 +66,7 @@ from .chunk import LOG2E, NEG, _key_tile, _pow2, _row_tile, _scores, _store_wher
 # Tuned on an H200 (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN_A": 128, "BN": 64, "warps": 8, "stages": 3, "bwd_warps": 8,
           "bwd_stages": 3, "BN_fwd": 64, "BN_dq": 64, "dq_maxnreg": 128, "BM_kv": 64, "BN_kv": 64, "kv_warps": 4,
-          "SEL_BITS": 32, "slack": 1, "pops": 16, "keep_A": 2, "search": "illinois", "atomic_dq": False, "sparse_bwd_T": 16384,
+          "SEL_BITS": 32, "slack": 1, "pops": 16, "keep_A": 2, "atomic_dq": False, "sparse_bwd_T": 16384,
           "BN_idx": 128, "BR_dec": 16, "list_bytes": 1 << 30}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
@@ -118,37 +118,22 @@ def _keep(a1, a2, a3, a4, x, LARGEST: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _search_step(g1, g2, g3, g4, a, z, c, act, fa, fz, side, KK, SLACK: tl.constexpr, KEEP: tl.constexpr,
-                 ILLINOIS: tl.constexpr):
-    """One step of the search for L at the key c: count the kept scores >= _unkey(c) (float compares that give 1.0
-    / 0.0, summed in float32: half the instructions of int32 compares and selects); the rows that stop (KK .. KK +
-    SLACK of them, or a bracket of one key) leave act. The next key: the bracket's middle (bisection), or with
-    ILLINOIS where the count, straight between the bracket's ends (fa, fz: the counts there less the target KK +
-    SLACK / 2), reaches the target, by value (regula falsi with the Illinois rule: an end kept twice in a row has
-    its count's distance halved, so the other end moves too). The kept scores thin out smoothly above L, so this
-    takes ~10.5 steps per 64-row tile where bisection takes ~14 (a CPU simulation on random scores, T = 4096 ..
-    16384; NOTES.md)."""
-    cf = _unkey(c.to(tl.int32))
-    n = tl.where(g1 >= cf[:, None], 1.0, 0.0) + tl.where(g2 >= cf[:, None], 1.0, 0.0)
+def _bisect_step(g1, g2, g3, g4, a, z, c, act, KK, SLACK: tl.constexpr, KEEP: tl.constexpr):
+    """One bisection step at the key c: count the kept scores >= _unkey(c) (float compares that give 1.0 / 0.0,
+    summed in float32: half the instructions of int32 compares and selects); the rows that stop (KK .. KK + SLACK
+    of them, or a bracket of one key) leave act."""
+    cf = _unkey(c.to(tl.int32))[:, None]
+    n = tl.where(g1 >= cf, 1.0, 0.0) + tl.where(g2 >= cf, 1.0, 0.0)
     if KEEP >= 3:
-        n += tl.where(g3 >= cf[:, None], 1.0, 0.0)
+        n += tl.where(g3 >= cf, 1.0, 0.0)
     if KEEP == 4:
-        n += tl.where(g4 >= cf[:, None], 1.0, 0.0)
+        n += tl.where(g4 >= cf, 1.0, 0.0)
     n = tl.sum(n, 1)
     up = n >= KK
     a = tl.where(act & up, c, a)
     z = tl.where(act & ~up, c, z)
-    mid = (a + z) >> 1
-    if ILLINOIS:
-        f = n - (KK + SLACK * 0.5)  # > 0 at a row's a while it is active, < 0 at its z
-        fz = tl.where(act & up & (side > 0), fz * 0.5, tl.where(act & ~up, f, fz))
-        fa = tl.where(act & ~up & (side < 0), fa * 0.5, tl.where(act & up, f, fa))
-        side = tl.where(act, tl.where(up, 1, -1), side)
-        fr = fa / tl.where(fa > fz, fa - fz, 1.0)  # in (0, 1) while active
-        x = tl.where(act, _unkey(a.to(tl.int32)) * (1.0 - fr) + _unkey(z.to(tl.int32)) * fr, 0.0)  # no overflow
-        mid = tl.where(act, tl.minimum(tl.maximum(_key(x).to(tl.int64), a + 1), z - 1), mid)  # strictly inside
     act = act & ~(up & (n <= KK + SLACK)) & (z - a > 1)
-    return a, z, mid, act, fa, fz, side  # a < c < z while z - a >= 2
+    return a, z, (a + z) >> 1, act  # a < c < z while z - a >= 2
 
 
 @triton.jit
@@ -223,8 +208,8 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
                    sqb, sqh, sqt, skb, skh, skt, smb,
                    BM: tl.constexpr, BNA: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_PAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SEL_BITS: tl.constexpr,
-                   SLACK: tl.constexpr, POPS: tl.constexpr, KEEP_A: tl.constexpr, ILLINOIS: tl.constexpr,
-                   WITH_STATS: tl.constexpr, STOP: tl.constexpr):
+                   SLACK: tl.constexpr, POPS: tl.constexpr, KEEP_A: tl.constexpr, WITH_STATS: tl.constexpr,
+                   STOP: tl.constexpr):
     """One tile of BM query rows: sweeps A, R (T). Stores the raw row max (MX) and the threshold (TT, TJ) per row;
     WITH_STATS: also the tile's bisection steps, R sweeps and T sweeps (STATS, 3 int32 per tile).
     STOP != 0 only for the timing breakdown and checks (bench/check_topk_gpu.py): stop after A (1), the bisection
@@ -267,14 +252,10 @@ def _select_kernel(Q, K, KPM, MX, TT, TJ, STATS, T, S, H, DK, off, KK, NM,
     z = _key(tl.where(bound, mx, 0.0)).to(tl.int64) + 1
     c = a
     act = bound
-    fa = tl.zeros([BM], dtype=tl.float32)  # the first step sets it: it counts at a
-    fz = tl.full([BM], -(KK + SLACK * 0.5), tl.float32)  # no kept score reaches z
-    side = tl.zeros([BM], dtype=tl.int32)
     steps = 0
     go = tl.max(act.to(tl.int32), 0) > 0
     while go:  # the first step counts at a itself: it may already be the answer (short rows, all kept)
-        a, z, c, act, fa, fz, side = _search_step(g1, g2, g3, g4, a, z, c, act, fa, fz, side, KK, SLACK, KEEP_A,
-                                                  ILLINOIS)
+        a, z, c, act = _bisect_step(g1, g2, g3, g4, a, z, c, act, KK, SLACK, KEEP_A)
         steps += 1
         go = (steps < SEL_BITS) & (tl.max(act.to(tl.int32), 0) > 0)
     lo = tl.where(bound, _below(_unkey(a.to(tl.int32))), NEG)  # s > lo <=> s >= L
@@ -632,8 +613,7 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None, in
     _select_kernel[(NS, B * H)](
         q, k, kpm, mx, tt, tj, tj if stats is None else stats, T, S, H, DK, S - T, topk, NS, *q.stride()[:3],
         *k.stride()[:3], kpm.stride(0), BM=BMS, BNA=CONFIG["BN_A"], BN=CONFIG["BN"], SEL_BITS=CONFIG["SEL_BITS"],
-        SLACK=CONFIG["slack"], POPS=CONFIG["pops"], KEEP_A=CONFIG["keep_A"], ILLINOIS=CONFIG["search"] == "illinois",
-        WITH_STATS=stats is not None, STOP=stop,
+        SLACK=CONFIG["slack"], POPS=CONFIG["pops"], KEEP_A=CONFIG["keep_A"], WITH_STATS=stats is not None, STOP=stop,
         num_warps=CONFIG["sel_warps"], **meta)
     if stop:
         return out, lse, tt, tj, I
