@@ -1,9 +1,10 @@
 """Full-size GPU check and timing of the linear-attention / MemSizer Triton kernels (kernels/NOTES.md has results).
 
-    PYTHONPATH=. python3 bench/check_kernels_gpu.py [--sweep] [--no-check] [--T 1024 4096 16384]
+    PYTHONPATH=. python3 bench/check_kernels_gpu.py [--sweep] [--no-check | --check-only] [--T 1024 4096 16384]
 
 1. correctness at full size against float64 references on the GPU (NaN-poisoned buffers), bf16, B=8, H=16, D=64:
-   causal T=1000 (exact reference) and T=16384 (chunked float64 form), bidirectional/cross, padding, causal runs,
+   causal T=1000 (exact reference; float32 and float16 too) and T=16384 (chunked float64 form), bidirectional/cross,
+   padding, causal runs, features mapped outside (feature_map=None),
    MemSizer (k=32, d=1024) causal / cross, and the decode steps;
 2. timings (triton.testing.do_bench, median, L2 flushed): causal linear attention fwd and fwd+bwd vs SDPA flash
    and vs the PyTorch chunked form, MemSizer, peak memory, and the decode steps in CUDA graphs;
@@ -68,10 +69,17 @@ def grads_of(fn, xs, dy):
     return (y, *torch.autograd.grad(y, xs, dy))
 
 
-def check_linear(name, B, H, T, S, causal, mask_frac, ref, programs=None, dt=torch.bfloat16, D=64, dv=64):
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+
+
+def check_linear(name, B, H, T, S, causal, mask_frac, ref, programs=None, dt=torch.bfloat16, D=64, dv=64,
+                 feature_map="elu1"):
+    """feature_map None: q, k are features, elu + 1 of normal samples (the kernels' ELU1 = 0 path)."""
     g = torch.Generator(device=dev).manual_seed(T + S)
-    xs = [torch.randn(B, H, n, e, device=dev, generator=g).to(dt).requires_grad_()
-          for n, e in ((T, D), (S, D), (S, dv))]
+    xs = [torch.randn(B, H, n, e, device=dev, generator=g) for n, e in ((T, D), (S, D), (S, dv))]
+    if feature_map is None:
+        xs[:2] = [F.elu(x) + 1 for x in xs[:2]]
+    xs = [x.to(dt).requires_grad_() for x in xs]
     dy = torch.randn(B, H, T, dv, device=dev, generator=g).to(dt)
     mask = None
     if mask_frac:
@@ -82,15 +90,17 @@ def check_linear(name, B, H, T, S, causal, mask_frac, ref, programs=None, dt=tor
     if programs is not None:  # force causal runs even on a short sequence
         chunk.CONFIG.update(programs=programs, run_min_chunks=0)
     with Poison():
-        out = grads_of(lambda q, k, v: linear_attention_triton(q, k, v, causal=causal, key_padding_mask=mask), xs, dy)
+        out = grads_of(lambda q, k, v: linear_attention_triton(q, k, v, causal=causal, key_padding_mask=mask,
+                                                               feature_map=feature_map), xs, dy)
     chunk.CONFIG.update(old)
     torch.cuda.synchronize()
     x64 = [x.detach().double().requires_grad_() for x in xs]
-    exp = grads_of(lambda q, k, v: ref(q, k, v, causal=causal, key_padding_mask=mask), x64, dy.double())
+    exp = grads_of(lambda q, k, v: ref(q, k, v, causal=causal, key_padding_mask=mask, feature_map=feature_map), x64,
+                   dy.double())
     errs = dict(zip(("y", "dq", "dk", "dv"), (rel(a, b) for a, b in zip(out, exp))))
     del out, exp, x64
     torch.cuda.empty_cache()
-    return record(name, errs, 2e-2)
+    return record(name, errs, TOL[dt])
 
 
 def check_memsizer(name, B, T, S, k, d, causal, mask_frac, dt=torch.bfloat16):
@@ -346,6 +356,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--check-only", action="store_true", help="the correctness checks alone")
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--sweep-T", type=int, nargs="+", default=[1024, 16384])
     ap.add_argument("--variant", help="internal: run one CONFIG variant (json) and print its RESULT line")
@@ -366,6 +377,11 @@ def main():
         ok &= check_linear("cross B8 H16 T1000 S777 mask", 8, 16, 1000, 777, False, 0.1, linear_attention_ref)
         ok &= check_linear("causal B2 H4 T1000 d64 dv200 fp16", 2, 4, 1000, 1000, True, 0.1, linear_attention_ref,
                            dt=torch.float16, dv=200)
+        for dt in (torch.float32, torch.float16):  # the serial passes in float32 / tf32 dots
+            ok &= check_linear(f"causal B8 H16 T1000 mask {str(dt)[6:]}", 8, 16, 1000, 1000, True, 0.1,
+                               linear_attention_ref, dt=dt)
+        ok &= check_linear("causal B8 H16 T4096 mask, features mapped outside", 8, 16, 4096, 4096, True, 0.1,
+                           linear_attention_ref, feature_map=None)
         ok &= check_linear("causal B8 H16 T16384 (chunked f64 ref)", 8, 16, 16384, 16384, True, 0.0,
                            linear_attention_chunked_torch)
         ok &= check_memsizer("memsizer causal B8 T1000 k32 d1024 mask", 8, 1000, 1000, 32, 1024, True, 0.1)
@@ -373,6 +389,9 @@ def main():
         ok &= check_memsizer("memsizer causal B1 T16384 k32 d1024", 1, 16384, 16384, 32, 1024, True, 0.0)
         check_steps()
         log(f"  checks done at {time.time() - t0:.0f} s")
+    if a.check_only:
+        log("ALL CHECKS PASSED" if ok else "SOME CHECKS FAILED")
+        sys.exit(0 if ok else 1)
     log("timings (bf16, B=8, H=16, D=64; MemSizer k=32, d=1024):")
     rows = time_ops(a.T)
     log(f"  done at {time.time() - t0:.0f} s")
