@@ -33,7 +33,7 @@ def run_benchmarks(out: str) -> None:
                        + (["--no-decode"] if timing == "graph" else []), check=True)
     # the fla and top-k op targets: kernel by kernel from CUDA graphs (fla_check), top-k beside cuDNN (topk_check)
     subprocess.run([py, os.path.join(HERE, "kernel_times.py"), "--out", os.path.join(out, "kernel_times"), "--ops",
-                    "linear", "linear_raw", "fla", "--shapes", *(f"8,16,{T}" for T in T_ALL if T >= 4096)],
+                    "linear", "linear_mapped", "linear_raw", "fla", "--shapes", *(f"8,16,{T}" for T in T_ALL if T >= 4096)],
                    check=True)
     subprocess.run([py, os.path.join(HERE, "check_topk_gpu.py"), "--out", out, "--name", "topk_threshold_final",
                     "--skip", "extra", "full", "stats", "sweep", "--T", *(str(T) for T in T_ALL if T >= 4096)],
@@ -142,15 +142,22 @@ def topk_check(dirs: list[str]) -> tuple[str | None, dict]:
                if "topk_triton" in r and "sdpa" in r}
 
 
+# kernel_times.py's linear-attention ops, each a row of the fla target, and what each times
+FLA_OPS = {"linear": "linear fwd+bwd",
+           "linear_mapped": "features mapped before the timing, as fla's (the normalizer inside): linear_mapped",
+           "linear_raw": "the same math as fla (features mapped before, no normalizer): linear_raw"}
+
+
 def fla_check(dirs: list[str]) -> tuple[str | None, dict]:
     """The newest kernel-by-kernel run of bench/kernel_times.py (CUDA-graph replay, B=8, H=16, default CONFIG):
-    (path, {T: {op: fwd+bwd ms}}) for linear (elu + 1 and the normalizer in the kernels), linear_raw (the same
-    kernels on fla's math: features mapped before, no normalizer) and fla (normalize=False). It replaces the op
-    tables' fla target, which compares the two ops on different work."""
+    (path, {T: {op: fwd+bwd ms}}) for linear (elu + 1 and the normalizer in the kernels), linear_mapped (features
+    mapped before the timing, as fla's are; the normalizer inside), linear_raw (the same kernels on fla's math:
+    features mapped before, no normalizer) and fla (normalize=False). It replaces the op tables' fla target, which
+    compares the two ops on different work."""
     p = _newest(dirs, os.path.join("kernel_times", "kernel_times.json"))
     out = {}
     for r in json.load(open(p)) if p else []:
-        if (r["B"], r["H"]) == (8, 16) and not r["config"] and "ms" in r and r["op"] in ("linear", "linear_raw", "fla"):
+        if (r["B"], r["H"]) == (8, 16) and not r["config"] and "ms" in r and r["op"] in (*FLA_OPS, "fla"):
             out.setdefault(r["T"], {})[r["op"]] = r["ms"]
     return p, out
 
@@ -213,8 +220,7 @@ def section(ops: dict, runs: list[dict], topk: tuple[str | None, dict] = (None, 
         r for op in ops.values() for r in op_targets(op, with_topk=not times, with_fla=not ftimes)]
     if ftimes:
         src = f"CUDA graphs, bench/kernel_times.py: {os.path.relpath(fpath, os.path.dirname(HERE))}"
-        for op, what in (("linear", "linear fwd+bwd"),
-                         ("linear_raw", "the same math as fla (features mapped before, no normalizer): linear_raw")):
+        for op, what in FLA_OPS.items():
             rows.append(_per_T(f"{what} <= fla normalize=False at T >= 4096 ({src})",
                                {T: t[op] / t["fla"] for T, t in ftimes.items() if T >= 4096 and op in t
                                 and "fla" in t}, lambda x: x <= 1.0))

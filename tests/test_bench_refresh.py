@@ -134,19 +134,22 @@ def test_topk_op_target_reads_the_newest_check_run(tmp_path):
 
 def test_fla_op_target_reads_the_newest_kernel_times_run(tmp_path):
     """The fla op target comes from bench/kernel_times.py (the last folder holding kernel_times/kernel_times.json,
-    its default-CONFIG rows at B=8, H=16), for the linear op and for its kernels on fla's math (linear_raw)."""
+    its default-CONFIG rows at B=8, H=16), for the linear op, on features mapped outside (linear_mapped) and for its
+    kernels on fla's math (linear_raw)."""
     write_runs(tmp_path, op_run({("sdpa", 4096): 4.0, ("linear_triton", 4096): 1.0, ("fla_chunk_raw", 4096): 0.1}), [])
     for name, lin in (("a", 9.0), ("b", 0.8)):
         (tmp_path / name / "kernel_times").mkdir(parents=True)
         (tmp_path / name / "kernel_times" / "kernel_times.json").write_text(json.dumps([
             {"op": op, "B": 8, "H": 16, "T": T, "config": {}, "ms": ms}
-            for T in (2048, 4096) for op, ms in (("linear", lin), ("linear_raw", 0.3), ("fla", 0.5))]
+            for T in (2048, 4096) for op, ms in (("linear", lin), ("linear_mapped", 0.45), ("linear_raw", 0.3),
+                                                 ("fla", 0.5))]
             + [{"op": "linear", "B": 8, "H": 16, "T": 4096, "config": {"BT": 32}, "ms": 0.1},
                {"op": "linear", "B": 4, "H": 8, "T": 4096, "config": {}, "ms": 0.1}]))  # not the default: ignored
     dirs = [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "b")]
     ops, runs = refresh.load(dirs)
     text = refresh.section(ops, runs, fla=refresh.fla_check(dirs))
     rows = [ln for ln in text.splitlines() if "<= fla normalize=False" in ln]
-    assert len(rows) == 2 and all("b/kernel_times/kernel_times.json" in r for r in rows), rows
+    assert len(rows) == 3 and all("b/kernel_times/kernel_times.json" in r for r in rows), rows
     assert rows[0].startswith("| linear fwd+bwd") and rows[0].endswith("| 1.60x (4096) | **missed** |"), rows
-    assert "linear_raw" in rows[1] and rows[1].endswith("| 0.60x (4096) | **met** |"), rows
+    assert "linear_mapped" in rows[1] and rows[1].endswith("| 0.90x (4096) | **met** |"), rows
+    assert "linear_raw" in rows[2] and rows[2].endswith("| 0.60x (4096) | **met** |"), rows
