@@ -33,8 +33,7 @@ def run_benchmarks(out: str) -> None:
                        + (["--no-decode"] if timing == "graph" else []), check=True)
     # the fla and top-k op targets: kernel by kernel from CUDA graphs (fla_check), top-k beside cuDNN (topk_check)
     subprocess.run([py, os.path.join(HERE, "kernel_times.py"), "--out", os.path.join(out, "kernel_times"), "--ops",
-                    "linear", "linear_mapped", "linear_raw", "fla", "--shapes", *(f"8,16,{T}" for T in T_ALL if T >= 4096)],
-                   check=True)
+                    *FLA_OPS, "fla", "--shapes", *(f"8,16,{T}" for T in T_ALL if T >= 4096)], check=True)
     subprocess.run([py, os.path.join(HERE, "check_topk_gpu.py"), "--out", out, "--name", "topk_threshold_final",
                     "--skip", "extra", "full", "stats", "sweep", "--T", *(str(T) for T in T_ALL if T >= 4096)],
                    check=True)

@@ -211,8 +211,8 @@ def _prefix_kernel(X, Y, O, R, DD, M, SO, ZO, T, H, sxb, sxh, sxt, syb, syh, syt
                    ROW_SCALE: tl.constexpr, WEIGHT: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
     """The state each chunk starts from, for chunk-parallel kernels (one run per chunk), in one serial pass per
     (b, h, BK x BV state tile; NVT tiles across dv), as fla's chunk_fwd_h: SO[c] = sum over the chunks before c
-    (REVERSE: after c) of phi(X_j)^T (s_j Y_j) and ZO[c] = the sum of w_j phi(X_j), summed in float32 registers and
-    stored in SO's dtype (bf16 where the consumer rounds the state to bf16 for its dot anyway).
+    (REVERSE: after c) of phi(X_j)^T (s_j Y_j) and ZO[c] = the sum of w_j phi(X_j) (a dot too, with _wcols), summed
+    in float32 registers; SO stored in its dtype (bf16 where the consumer rounds the state to bf16 for its dot).
     Forward: X = k (padding keys zeroed), Y = v, s = w = 1 (WEIGHT 0). Backward, REVERSE: X = q, Y = dy, s = r
     (ROW_SCALE) and w = dden, read from DD (WEIGHT 1) or computed here as -r (dy . y) from the whole dv row and
     stored to DD (2), or w = 0 (3: no normalizer)."""
@@ -851,8 +851,8 @@ def _bwd(q, k, v, o, do, r, S0, z0, causal, elu1, norm, scale, B, H, T, S, DK, D
                                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *gq,
                                            *gk, *dv.stride()[:3], smb, ELU1=elu1, NORM=norm, SCALE=scale, **common,
                                            num_warps=CONFIG["chunk_bwd_warps"], num_stages=opts["num_stages"],
-                                           **(reg_cap(CONFIG, "chunk_bwd", q)
-                                              if common["BK"] * common["BV"] <= 4096 and q.dtype == torch.bfloat16 else {}))
+                                           **(reg_cap(CONFIG, "chunk_bwd", q) if q.dtype == torch.bfloat16
+                                              and common["BK"] * common["BV"] <= 4096 else {}))
     else:  # by runs: the query-side kernel (dq; the runs' R, w sums for a scan), a scan, the key-side kernel
         acc_r = not causal or run
         Rp = Wp = q
