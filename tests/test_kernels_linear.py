@@ -1,5 +1,7 @@
 """Linear-attention Triton kernels against the float64 reference, run on the CPU by Triton's interpreter
 (switched on in conftest.py)."""
+import re
+
 import pytest
 import torch
 
@@ -296,3 +298,9 @@ def test_compiles_for_hopper(monkeypatch):
     compiled = compile_for_sm90(as_on_gpu(launches))  # bf16 dots, as a GPU runs them
     if isinstance(compiled, str):
         pytest.skip(f"no sm_90 toolchain here: {compiled}")
+    # the serial state pass's dots take both operands straight from the shared memory its loads fill: a select on a
+    # loaded tile (a mask the load had applied already) sent the tile through registers and back in every serial
+    # step (session 16 in kernels/NOTES.md: that pass 0.164 -> 0.137 ms at B=8, H=16, T=4096)
+    sass = compile_for_sm90([s for s in as_on_gpu(launches) if s[1] == "_prefix_kernel"], report="sass")
+    hgmma = [ln.strip() for ln in sass.splitlines() if "HGMMA" in ln]
+    assert hgmma and not [ln for ln in hgmma if re.search(r"HGMMA\S* R\d+, R\d+", ln)], hgmma[:4]

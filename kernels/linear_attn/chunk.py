@@ -65,7 +65,7 @@ from ..fit import MIN_BK, NoFit, _p2, chunk_smem, fit_chunk, is_oor, reg_cap, sm
 # 0.239 -> 0.212 ms on mapped features at B=8, H=16, T=4096 (session 15).
 CONFIG = {"BT": 64, "BV": 64, "state": 4096, "fwd_warps": 4, "bwd_warps": 8, "stages": 2,
           "programs": 2112, "run_min_chunks": 32, "run_bwd_warps": 4, "fill": 128, "one_chunk_runs": 64,
-          "serial_programs": 128, "serial_tile": 64, "serial_warps": 4, "serial_stages": 3, "chunk_bwd_warps": 4,
+          "serial_programs": 128, "serial_tile": 64, "serial_warps": 4, "serial_stages": 4, "chunk_bwd_warps": 4,
           "fwd_maxnreg": 160, "chunk_bwd_maxnreg": 168}
 # kernels launched together share one dv-tile
 GROUPS = {"fwd": ("state", "fwd"), "bwd": ("bwd_q", "bwd_kv", "bwd_chunk")}
@@ -87,10 +87,11 @@ def _cast(x, LOWP: tl.constexpr):
 @triton.jit
 def _feat(x, m, ELU1: tl.constexpr):
     """phi(x) on a float32 tile, 0 where m is False (padded rows/columns must add nothing; elu1(0) = 1 would).
-    ELU1: 1 maps x here; 0 and 2 take x as the features (2: they are elu + 1 of the inputs, feature.py)."""
+    ELU1: 1 maps x here; 0 and 2 take x as the features (2: they are elu + 1 of the inputs, feature.py), which every
+    caller loaded as 0 under m: no select then, so the tile can feed a dot straight from the loads' shared memory."""
     if ELU1 == 1:
-        x = tl.where(x > 0, x + 1.0, tl.exp(x))
-    return tl.where(m, x, 0.0)
+        x = tl.where(m, tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
+    return x
 
 
 @triton.jit
