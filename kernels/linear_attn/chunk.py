@@ -57,6 +57,8 @@ from ..fit import MIN_BK, NoFit, _p2, chunk_smem, fit_chunk, is_oor, reg_cap, sm
 # programs run; "serial_tile": their widest state tile (narrower tiles where that gives more programs). Picked on
 # an H200 (session 7 in kernels/NOTES.md): at B=8, H=16, T=4096 linear attention fwd+bwd 1.06 -> 0.81 ms, MemSizer
 # 0.45 -> 0.32; at B=1, H=8, T=16384 (32 programs) the scan path stays (serial there: 0.32 -> 0.92 ms).
+# "serial_stages": that pass's load pipeline, fewer where they would not fit (4 against 3: both passes 0.139 ->
+# 0.131 ms at B=8, H=16, T=4096 and 0.535 -> 0.503 at 16384, MemSizer 0.099 -> 0.095; session 16).
 # "chunk_bwd_warps": the fused chunk backward (4: 0.31 ms at B=8, H=16, T=4096; 8 warps: 0.52). "fwd_maxnreg": the
 # forward kernel's register cap for 2-byte inputs and state tiles of at most 4096 entries (linear attention's
 # 64 x 64, MemSizer's 32 x 128; fit.reg_cap): three CTAs per SM instead of two (201 registers uncapped),
