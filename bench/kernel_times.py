@@ -11,7 +11,8 @@ CONFIG (kernels/NOTES.md). Writes kernel_times.json.
 
 Ops: linear (elu+1 and the normalizer inside the kernels, as the models call it), linear_mapped (features mapped
 before the timing, normalizer inside), linear_raw (attnlab's chunk kernels doing fla's math: mapped features, no
-normalizer), fla (fla's chunk_linear_attn, normalize=False, mapped features), memsizer, sdpa (default backend).
+normalizer), fla (fla's chunk_linear_attn, normalize=False, mapped features), memsizer, topk (k = 64), sdpa
+(default backend).
 """
 from __future__ import annotations
 
@@ -62,11 +63,15 @@ def make(op, B, H, T):
         xs = [torch.randn(B, T, H, 64, device=dev, dtype=dt).sigmoid() for _ in range(2)]
         xs.append(torch.randn(B, T, H, 64, device=dev, dtype=dt))
         return xs, lambda q, k, v: chunk_linear_attn(q, k, v, scale=1.0, normalize=False)[0]
+    if op == "topk":  # top-k attention, k = 64, as the models call it
+        from attnlab.kernels.topk_attn import topk_attention
+        xs = [torch.randn(B, H, T, 64, device=dev, dtype=dt) for _ in range(3)]
+        return xs, lambda q, k, v: topk_attention(q, k, v, 64, causal=True, backend="triton")
     if op == "sdpa":
         import torch.nn.functional as F
         xs = [torch.randn(B, H, T, 64, device=dev, dtype=dt) for _ in range(3)]
         return xs, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    raise ValueError(f"unknown op {op!r}; expected linear, memsizer, fla or sdpa")
+    raise ValueError(f"unknown op {op!r}; expected linear, linear_mapped, linear_raw, memsizer, fla, topk or sdpa")
 
 
 def point(op, B, H, T, reps):

@@ -49,24 +49,24 @@ import triton.language as tl
 from ..fit import reg_cap
 from .chunk import LOG2E, NEG, _key_tile, _pow2, _row_tile, _scores, _store_where, _tile_scores
 
-# BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN_A / BN
-# keys per tile of sweep A / R and T (= their numbers of groups; keep_A * BN_A >= k, or the bound is -inf and R
-# counts all; keep_A: the scores each group keeps in sweep A, 2, 3 or 4), BN_fwd / BN_dq keys per forward / dq
-# tile (dq_maxnreg: the dq kernel's register cap for 2-byte inputs, fit.reg_cap: its 64-key tiles fit 128, two
-# CTAs per SM); the dk/dv kernel: BN_kv keys per program, BM_kv query rows per step of its sweep over the query
-# tiles that see them, at kv_warps warps (a score's bits do not depend on the tile shape, see the module docstring).
-# SEL_BITS: at most that many bisection steps for L (fewer: a lower L, more for R to remove); a row's bisection
-# stops at <= k + slack kept scores >= L; R pops at most `pops` scores per sweep. atomic_dq: the dk/dv kernel adds
-# dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms). sparse_bwd_T: from
-# that many query rows the forward also finds each row's key indices and the sparse O(T k) backward (chunk.py) runs
-# instead of the dense masked one (function.takes_sparse_bwd): the forward then takes BN_idx keys per tile (fewer
-# list entries per row), and BR_dec rows per program decode them; the lists of a launch take at most list_bytes
-# (the forward then runs over groups of heads, each decoded before the next). stages: pipeline
-# stages of the selection and forward kernels, bwd_stages of the backward ones (float32 inputs: at most 2, _stages).
-# Tuned on an H200 (NOTES.md).
+# BM_sel query rows (sel_warps) per selection tile, BM rows (warps; bwd_warps) per forward / dq tile, BN_A / BN keys per
+# tile of sweep A / R and T (= their numbers of groups; keep_A * BN_A >= k, or the bound is -inf and R counts all;
+# keep_A: the scores each group keeps in sweep A, 2, 3 or 4), BN_fwd / BN_dq keys per forward / dq tile (fwd_maxnreg /
+# dq_maxnreg: their register caps for 2-byte inputs, fit.reg_cap: 64-key tiles fit 128, two CTAs per SM; not the forward
+# that also finds indices, which spills there); the dk/dv kernel: BN_kv keys per program, BM_kv query rows per step of
+# its sweep over the query tiles that see them, at kv_warps warps (a score's bits do not depend on the tile shape, see
+# the module docstring). SEL_BITS: at most that many bisection steps for L (fewer: a lower L, more for R to remove); a
+# row's bisection stops at <= k + slack kept scores >= L; R pops at most `pops` scores per sweep. atomic_dq: the dk/dv
+# kernel adds dq with float32 atomics instead of a dq kernel (not under torch.use_deterministic_algorithms).
+# sparse_bwd_T: from that many query rows the forward also finds each row's key indices and the sparse O(T k) backward
+# (chunk.py) runs instead of the dense masked one (function.takes_sparse_bwd): the forward then takes BN_idx keys per
+# tile (fewer list entries per row), and BR_dec rows per program decode them; the lists of a launch take at most
+# list_bytes (the forward then runs over groups of heads, each decoded before the next). stages: pipeline stages of the
+# selection and forward kernels, bwd_stages of the backward ones (float32 inputs: at most 2, _stages). Tuned on an H200
+# (NOTES.md).
 CONFIG = {"BM_sel": 64, "sel_warps": 4, "BM": 128, "BN_A": 128, "BN": 64, "warps": 8, "stages": 3, "bwd_warps": 8,
-          "bwd_stages": 3, "BN_fwd": 64, "BN_dq": 64, "dq_maxnreg": 128, "BM_kv": 64, "BN_kv": 64, "kv_warps": 4,
-          "SEL_BITS": 32, "slack": 1, "pops": 16, "keep_A": 2, "atomic_dq": False, "sparse_bwd_T": 16384,
+          "bwd_stages": 3, "BN_fwd": 64, "fwd_maxnreg": 128, "BN_dq": 64, "dq_maxnreg": 128, "BM_kv": 64, "BN_kv": 64,
+          "kv_warps": 4, "SEL_BITS": 32, "slack": 1, "pops": 16, "keep_A": 2, "atomic_dq": False, "sparse_bwd_T": 16384,
           "BN_idx": 128, "BR_dec": 16, "list_bytes": 1 << 30}
 POS = tl.constexpr(float("inf"))
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf)
@@ -196,11 +196,22 @@ def _below(t):
 
 
 @triton.jit
-def _cut(cols, t, tj):
+def _cut(cols, t, tj, TIE: tl.constexpr = True):
     """Per (row, key) the value a score must exceed to be selected: (s, -j) > (t, -tj) <=> s > t, or s == t for
     a key below tj (a tie row), i.e. s > the float below t. A float tensor, no boolean one: a mask that a runtime
-    branch chooses is kept as bits Triton packs and unpacks per element (2.5x the forward's instructions)."""
-    return tl.where(cols[None, :] < tj[:, None], _below(t)[:, None], t[:, None])
+    branch chooses is kept as bits Triton packs and unpacks per element (2.5x the forward's instructions).
+    TIE False: for key tiles no row's split reaches (_tie_end), t alone (two instructions fewer per score)."""
+    if TIE:
+        return tl.where(cols[None, :] < tj[:, None], _below(t)[:, None], t[:, None])
+    else:
+        return t[:, None]
+
+
+@triton.jit
+def _tie_end(tj, n_end, BN: tl.constexpr):
+    """Where the key tiles of a program with fixed rows stop needing the tie split: the keys below a tie row's tj
+    lie in the tiles before it. Without a tie row (tj = 0 on every row; nearly every program) that is key 0."""
+    return tl.minimum(tl.cdiv(tl.max(tj, 0), BN) * BN, n_end)
 
 
 @triton.jit
@@ -362,32 +373,35 @@ def _fwd_kernel(Q, K, V, KPM, MX, TT, TJ, O, LSE, E, NE, T, S, H, DK, DV, off, q
     W = tl.where((jw >= 0) & (jw < 24), (1 << tl.minimum(tl.maximum(jw, 0), 23)).to(tl.float32), 0.0)
     if FAST:
         W = W.to(tl.bfloat16)
-    for n0 in range(0, n_end, BN):
-        s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
-        cols = n0 + tl.arange(0, BN)
-        sel = s > _cut(cols, t, tj)
-        p = tl.where(sel, tl.exp2(s * qk2 - mq[:, None]), 0.0)
-        den += tl.sum(p, 1)
-        v = tl.load(Vb + cols[:, None] * svt + dv[None, :], mask=(cols[:, None] < S) & (dv[None, :] < DV), other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        if MASKS:
-            c = tl.where(sel, 1.0, 0.0)
-            if FAST:
-                c = c.to(tl.bfloat16)
-            w = tl.dot(c, W, input_precision="ieee").to(tl.int32)
-            hit = (tl.max(w, 1) > 0) & rmask
-            # the entry (n0, words): word i from column i of w, n0 from column NW (a column of zeros)
-            col = cw[None, :] + 0 * w
-            ptr = (E + (re * KK + ne) * (1 + NW))[:, None] + tl.where(col < NW, 1 + col, 0)
-            val = tl.where(col < NW, w, n0)
-            st = (hit & (ne < KK))[:, None] & (col <= NW)
-            if FAST:
-                _store_where(ptr, val, st)
-            else:
-                tl.store(ptr, val, mask=st)
-            ne += hit.to(tl.int32)
+    n_tie = _tie_end(tj, n_end, BN)
+    for tie in tl.static_range(2):  # two loops, in key order: the tiles before n_tie with the tie split, the rest
+        for n0 in range(0 if tie == 0 else n_tie, n_tie if tie == 0 else n_end, BN):
+            s = _scores(q, Kb, KPMb, rows, n0, m0, off, S, DK, skt, BN, DP, CAUSAL, HAS_PAD, PREC, UPCAST)
+            cols = n0 + tl.arange(0, BN)
+            sel = s > _cut(cols, t, tj, tie == 0)
+            p = tl.where(sel, tl.exp2(s * qk2 - mq[:, None]), 0.0)
+            den += tl.sum(p, 1)
+            v = tl.load(Vb + cols[:, None] * svt + dv[None, :], mask=(cols[:, None] < S) & (dv[None, :] < DV),
+                        other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            if MASKS:
+                c = tl.where(sel, 1.0, 0.0)
+                if FAST:
+                    c = c.to(tl.bfloat16)
+                w = tl.dot(c, W, input_precision="ieee").to(tl.int32)
+                hit = (tl.max(w, 1) > 0) & rmask
+                # the entry (n0, words): word i from column i of w, n0 from column NW (a column of zeros)
+                col = cw[None, :] + 0 * w
+                ptr = (E + (re * KK + ne) * (1 + NW))[:, None] + tl.where(col < NW, 1 + col, 0)
+                val = tl.where(col < NW, w, n0)
+                st = (hit & (ne < KK))[:, None] & (col <= NW)
+                if FAST:
+                    _store_where(ptr, val, st)
+                else:
+                    tl.store(ptr, val, mask=st)
+                ne += hit.to(tl.int32)
     live = den > 0
     out = acc / tl.where(live, den, 1.0)[:, None]
     tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None] * sot + dv[None, :], out.to(O.dtype.element_ty),
@@ -444,16 +458,20 @@ def _decode_kernel(E, NE, I, BH, T, KK: tl.constexpr, KP: tl.constexpr, NW: tl.c
 
 
 @triton.jit
-def _probs(s, cols, rows, bh, T, LSE, TT, TJ, qk2):
-    """exp2(s * qk2 - lse) where selected, else 0, for query rows `rows` (padding rows: nothing selected)."""
+def _row_vals(bh, T, rows, LSE, TT, TJ):
+    """What the backward needs of query rows `rows`: t, tj and the log-sum-exp (padding rows: t = +inf, nothing
+    selected), and the rows' offset and mask in (B * H, T) arrays."""
     r = bh.to(tl.int64) * T + rows
     rm = rows < T
-    t = tl.load(TT + r, mask=rm, other=POS)
-    tj = tl.load(TJ + r, mask=rm, other=0)
-    lse = tl.load(LSE + r, mask=rm, other=0.0)
-    # always with the key-index split: skipping it in tiles without a tie (a reduction and a branch per tile) made
-    # the backward 0.5 ms slower at T = 4096 (NOTES.md, session 9); it costs a compare and a select per score
-    return tl.where(s > _cut(cols, t, tj), tl.exp2(s * qk2 - lse[:, None]), 0.0)
+    return tl.load(TT + r, mask=rm, other=POS), tl.load(TJ + r, mask=rm, other=0), tl.load(LSE + r, mask=rm,
+                                                                                            other=0.0), r, rm
+
+
+@triton.jit
+def _probs(s, cols, t, tj, lse, qk2, TIE: tl.constexpr = True):
+    """exp2(s * qk2 - lse) where selected, else 0 (TIE as in _cut). The dk/dv kernel always splits: its rows change
+    per step, and a branch per step on whether they hold a tie row was slower (sessions 9 and 17, NOTES.md)."""
+    return tl.where(s > _cut(cols, t, tj, TIE), tl.exp2(s * qk2 - lse[:, None]), 0.0)
 
 
 @triton.jit
@@ -476,16 +494,20 @@ def _bwd_dq_kernel(Q, K, V, KPM, O, DO, LSE, TT, TJ, DELTA, DQ, T, S, H, DK, DV,
     tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rmask)
     Vb = V + b.to(tl.int64) * svb + h * svh
     dq = tl.zeros([BM, DP], dtype=tl.float32)
-    for n0 in range(0, n_end, BN):
-        k = _key_tile(Kb, n0, S, DK, skt, BN, DP, UPCAST)
-        s = _tile_scores(q, k, KPMb, rows, n0, m0, off, S, BN, CAUSAL, HAS_PAD, PREC)
-        cols = n0 + tl.arange(0, BN)
-        p = _probs(s, cols, rows, bh, T, LSE, TT, TJ, qk2)
-        vt = tl.load(Vb + cols[None, :] * svt + dv[:, None], mask=(cols[None, :] < S) & (dv[:, None] < DV), other=0.0)
-        if UPCAST:
-            vt = vt.to(tl.float32)
-        ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    t, tj, lse, _, _ = _row_vals(bh, T, rows, LSE, TT, TJ)
+    n_tie = _tie_end(tj, n_end, BN)
+    for tie in tl.static_range(2):  # as in _fwd_kernel
+        for n0 in range(0 if tie == 0 else n_tie, n_tie if tie == 0 else n_end, BN):
+            k = _key_tile(Kb, n0, S, DK, skt, BN, DP, UPCAST)
+            s = _tile_scores(q, k, KPMb, rows, n0, m0, off, S, BN, CAUSAL, HAS_PAD, PREC)
+            cols = n0 + tl.arange(0, BN)
+            p = _probs(s, cols, t, tj, lse, qk2, tie == 0)
+            vt = tl.load(Vb + cols[None, :] * svt + dv[:, None], mask=(cols[None, :] < S) & (dv[:, None] < DV),
+                         other=0.0)
+            if UPCAST:
+                vt = vt.to(tl.float32)
+            ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + cd[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=rmask[:, None] & (cd[None, :] < DK))
 
@@ -534,6 +556,8 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, DQ32, T, S,
         m_start = (tl.maximum(n0 - off, 0) // BM) * BM
     # m_start < T always (n0 < S); the max() lets LLVM see the loop runs at least once: the path that skips it
     # set the accumulators between a dot's start and its wait, and ptxas then serialized every dot (C7515)
+    t, tj, lse, r, rm = _row_vals(bh, T, m_start + tl.arange(0, BM), LSE, TT, TJ)
+    delta = tl.load(DELTA + r, mask=rm, other=0.0)
     for i in range(0, tl.maximum(tl.cdiv(T - m_start, BM), 1)):
         m0 = m_start + i * BM
         rows, rmask, q, _, _, _ = _row_tile(Q, K, KPM, b, h, m0, T, S, DK, off, sqb, sqh, sqt, skb, skh, smb,
@@ -542,9 +566,12 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, DQ32, T, S,
                      mask=rmask[:, None] & (dv[None, :] < DV), other=0.0)
         if UPCAST:
             do = do.to(tl.float32)
+        # the next step's row values now, a step ahead of their use: Triton pipelines only the loads that feed
+        # dots, and these waited for memory right after the score dot
+        t1, tj1, lse1, r, rm = _row_vals(bh, T, rows + BM, LSE, TT, TJ)
+        delta1 = tl.load(DELTA + r, mask=rm, other=0.0)
         s = _tile_scores(q, k, KPMb, rows, n0, m0, off, S, BN, CAUSAL, HAS_PAD, PREC)
-        p = _probs(s, cols, rows, bh, T, LSE, TT, TJ, qk2)
-        delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
+        p = _probs(s, cols, t, tj, lse, qk2)
         dvacc += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
         ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
@@ -552,6 +579,7 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, DQ32, T, S,
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
             tl.atomic_add(DQ32 + (bh.to(tl.int64) * T + rows[:, None]) * DK + cd[None, :], dq,
                           mask=rmask[:, None] & (cd[None, :] < DK), sem="relaxed")
+        t, tj, lse, delta = t1, tj1, lse1, delta1
     # dK, dV have the strides of K, V (threshold_bwd)
     tl.store(DK_ + b.to(tl.int64) * skb + h * skh + cols[:, None] * skt + cd[None, :],
              (dk * scale).to(DK_.dtype.element_ty), mask=(cols[:, None] < S) & (cd[None, :] < DK))
@@ -624,7 +652,7 @@ def threshold_fwd(q, k, v, topk, causal, key_padding_mask, scale, stats=None, in
             q, k, v, kpm, mx, tt, tj, out, lse, ent if indices else tj, ne if indices else tj, T, S, H, DK, DV,
             S - T, scale * LOG2E, NM, bh0, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             kpm.stride(0), BM=BM, BN=BN, DVP=_pow2(DV), KK=topk, MASKS=indices, FAST=q.is_cuda,
-            num_warps=CONFIG["warps"], **meta)
+            num_warps=CONFIG["warps"], **meta, **({} if indices else reg_cap(CONFIG, "fwd", q)))
         if indices:
             BR = CONFIG["BR_dec"]
             _decode_kernel[(triton.cdiv(g * T, BR),)](ent, ne, I.view(B * H * T, topk)[bh0 * T:], g, T, KK=topk,
