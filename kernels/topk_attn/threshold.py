@@ -463,8 +463,8 @@ def _row_vals(bh, T, rows, LSE, TT, TJ):
     selected), and the rows' offset and mask in (B * H, T) arrays."""
     r = bh.to(tl.int64) * T + rows
     rm = rows < T
-    return tl.load(TT + r, mask=rm, other=POS), tl.load(TJ + r, mask=rm, other=0), tl.load(LSE + r, mask=rm,
-                                                                                            other=0.0), r, rm
+    t = tl.load(TT + r, mask=rm, other=POS)
+    return t, tl.load(TJ + r, mask=rm, other=0), tl.load(LSE + r, mask=rm, other=0.0), r, rm
 
 
 @triton.jit
