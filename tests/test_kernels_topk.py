@@ -344,7 +344,7 @@ def test_compiles_for_hopper(monkeypatch):
     float32 threshold kernels), in the variant a GPU launches (tensor-core dots, aligned shapes: as_on_gpu),
     compiles for sm_90: Triton's compiler checks what the interpreter lets through (a loop-carried variable changing
     type once broke the GPU build of the threshold kernels). The threshold kernels' shared memory is within
-    function.THRESHOLD_SMEM."""
+    function.THRESHOLD_SMEM, and their bf16 variants spill little."""
     monkeypatch.setattr(chunk, "CONFIG", {**DEFAULT_CFG["chunk"], "progs_per_sm": 1})
     monkeypatch.setattr(threshold, "CONFIG", dict(DEFAULT_CFG["threshold"]))
     monkeypatch.setattr(chunk, "_num_sms", lambda device: 1)

@@ -568,8 +568,8 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, DO, LSE, TT, TJ, DELTA, DK_, DV_, DQ32, T, S,
             do = do.to(tl.float32)
         # the next step's row values now, a step ahead of their use: Triton pipelines only the loads that feed
         # dots, and these waited for memory right after the score dot
-        t1, tj1, lse1, r, rm = _row_vals(bh, T, rows + BM, LSE, TT, TJ)
-        delta1 = tl.load(DELTA + r, mask=rm, other=0.0)
+        t1, tj1, lse1, r1, rm1 = _row_vals(bh, T, rows + BM, LSE, TT, TJ)
+        delta1 = tl.load(DELTA + r1, mask=rm1, other=0.0)
         s = _tile_scores(q, k, KPMb, rows, n0, m0, off, S, BN, CAUSAL, HAS_PAD, PREC)
         p = _probs(s, cols, t, tj, lse, qk2)
         dvacc += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
