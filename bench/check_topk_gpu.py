@@ -292,13 +292,10 @@ def bench(fn, grad_to_none, rep):
                                    return_mode="median")
 
 
-def synced(fn, grad_to_none, rep):
-    """fn timed as bench_attention.py's op tables time a call: alone, L2 flushed before it, synchronized after it
-    (the median). In session 17 that read top-k's fwd+bwd up to 12% slower against SDPA than do_bench did in
-    another process (kernels/topk_attn/NOTES.md); both in one process tell the timers from the runs."""
-    from bench_attention import Timer  # bench/ is on sys.path when run as `python bench/check_topk_gpu.py`
-    timer = Timer(torch.device(DEV))
-
+def synced(timer, fn, grad_to_none, rep):
+    """fn timed as bench_attention.py's op tables time a call (its Timer: alone, L2 flushed before it, synchronized
+    after it; the median). In session 17 that read top-k's fwd+bwd up to 12% slower against SDPA than do_bench did
+    in another process (kernels/topk_attn/NOTES.md); both in one process tell the timers from the runs."""
     def call():
         for x in grad_to_none:
             x.grad = None
@@ -321,6 +318,9 @@ def peak_mb(fn):
 
 def timing(B, H, T, d, topk, rep, variants=("sdpa", "sdpa_flash", "topk_triton")):
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from bench_attention import Timer  # bench/ is on sys.path when run as `python bench/check_topk_gpu.py`
+    timer = Timer(torch.device(DEV))  # one flush buffer for the synced timings of every variant
     q, k, v, _ = make(B, H, T, T, d, torch.bfloat16, False, 2)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     dout = torch.randn_like(q)
@@ -342,7 +342,7 @@ def timing(B, H, T, d, topk, rep, variants=("sdpa", "sdpa_flash", "topk_triton")
         with torch.no_grad():
             t_f = bench(f, None, rep)
         t_fb = bench(fb, [q, k, v], rep)
-        t_sync = synced(fb, [q, k, v], rep)
+        t_sync = synced(timer, fb, [q, k, v], rep)
         with torch.no_grad():
             m_f = peak_mb(f)
         m_fb = peak_mb(fb)
