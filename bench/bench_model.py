@@ -3,8 +3,8 @@
     python3 bench/bench_model.py --out DIR [--label after] [--variants ...] [--T ...] [--compile]
 
 1. Training tokens/s and peak memory: attnlab's TransformerDecoder (8 layers, d=512, 8 heads, FFN 2048, vocab 256),
-   B*T = 16384 tokens per step, forward + backward + AdamW under torch.autocast(bfloat16) (what `trainer=gpu`
-   runs), at T = 1024, 4096, 8192, 16384, for softmax (SDPA, default backend selection: the backend it picked is
+   B*T = 16384 tokens per step (from T = 32768 one sequence, T tokens), forward + backward + AdamW under torch.autocast(bfloat16) (what `trainer=gpu`
+   runs), at T = 1024, 4096, 8192, 16384 (default; any T, e.g. 32768), for softmax (SDPA, default backend selection: the backend it picked is
    read off the profiler and reported), linear, memsizer (k=32) and topk (k=64). Tokens/s: median of timed steps
    after warm-up (Triton compilation, autotuning and the allocator's growth stay out); host_ms: the time until
    step() returns (host-bound when close to step_ms); peak memory: max_memory_allocated over warm-up and timed steps
@@ -35,7 +35,11 @@ import torch.nn.functional as F
 
 VARIANTS = {"softmax": {"name": "softmax"}, "linear": {"name": "linear"}, "memsizer": {"name": "memsizer", "k": 32},
             "topk": {"name": "topk", "k": 64}}
-TOKENS = 16384
+TOKENS = 16384  # per training step; from T = 32768 one sequence (B = 1), T tokens
+
+
+def batch(T):
+    return max(1, TOKENS // T)
 
 
 def log(*a):
@@ -62,14 +66,14 @@ def sdpa_backend(model, x):
 
 
 def training_step(variant, T, compile_model=False):
-    """(model, step): the benchmark's model and one training step on a fixed batch of B*T = TOKENS tokens, as
+    """(model, step): the benchmark's model and one training step on a fixed batch of batch(T) x T tokens, as
     `trainer=gpu` runs it (autocast bf16, fwd + bwd + AdamW). ``compile_model``: True or a torch.compile mode."""
     torch.manual_seed(0)
     model = decoder(VARIANTS[variant], T, 512, 8, 8, 2048)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = model if not compile_model else torch.compile(model, **({} if compile_model is True else
                                                                     {"mode": compile_model}))
-    x = torch.randint(0, 256, (TOKENS // T, T), device="cuda")
+    x = torch.randint(0, 256, (batch(T), T), device="cuda")
 
     def step():
         with torch.autocast("cuda", torch.bfloat16):
@@ -97,7 +101,7 @@ def train_point(variant, T, compile_model, steps, warm):
         host.append(time.perf_counter() - t)  # until step() returns: a step is host-bound when this ~ its time
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    out = dict(tok_s=TOKENS / statistics.median(times), step_ms=1e3 * statistics.median(times),
+    out = dict(tok_s=batch(T) * T / statistics.median(times), step_ms=1e3 * statistics.median(times),
                host_ms=1e3 * statistics.median(host), peak_mib=torch.cuda.max_memory_allocated() / 2 ** 20)
     if variant == "softmax":
         out["sdpa_backend"], out["sdpa_kernels"] = sdpa_backend(model, torch.randint(0, 256, (1, T), device="cuda"))
@@ -209,7 +213,7 @@ def report(paths):
     for run in runs:
         lines.append(f"\n### {run['label']}: {run['device']} | torch {run['torch']} | triton {run['triton']} | "
                      f"{run['date']}")
-        lines.append("\n**training tokens/s (k), peak MiB** (B*T = 16384, autocast bf16, fwd+bwd+AdamW)\n")
+        lines.append("\n**training tokens/s (k), peak MiB** (B*T = 16384, from T = 32768 B = 1; autocast bf16, fwd+bwd+AdamW)\n")
         lines += table(run["train"], "T", lambda T: f"T={T}", lambda r: f"{r['tok_s'] / 1e3:.0f}k, {r['peak_mib']:.0f}")
         sb = {r.get("sdpa_backend") for r in run["train"] if r.get("sdpa_backend")}
         if sb:
@@ -239,7 +243,7 @@ def report(paths):
             base = v.split("+")[0]
             ax.plot(*zip(*sorted(pts.items())), marker="o", color=colours.get(base, "k"),
                     ls="-" if "+" in v else "--", label=v)
-        ax.set(xscale="log", xlabel="T (B*T = 16384)", ylabel="training tokens/s",
+        ax.set(xscale="log", xlabel="T (B*T = 16384; B = 1 from 32768)", ylabel="training tokens/s",
                title="TransformerDecoder 8x512, bf16 autocast")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         fig.tight_layout()

@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import TOKENS, VARIANTS, training_step  # noqa: E402  the same model and step as the benchmark
+from bench_model import VARIANTS, batch, training_step  # noqa: E402  the same model and step as the benchmark
 
 
 def profile_point(variant, T, compile_model, steps, warm):
@@ -48,7 +48,7 @@ def profile_point(variant, T, compile_model, steps, warm):
     torch.cuda.empty_cache()
     torch._dynamo.reset()
     return dict(step_ms=1e3 * statistics.median(wall), gpu_ms=gpu_us / 1e3, host_ms=host_us / 1e3,
-                kernels=kernels, casts=casts, tok_s=TOKENS / statistics.median(wall)), table_gpu + "\n" + table_cpu
+                kernels=kernels, casts=casts, tok_s=batch(T) * T / statistics.median(wall)), table_gpu + "\n" + table_cpu
 
 
 def main():
