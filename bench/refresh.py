@@ -39,7 +39,7 @@ def run_benchmarks(out: str) -> None:
                    check=True)
     subprocess.run([py, os.path.join(HERE, "bench_model.py"), "--out", out, "--label", "refresh", "--T",
                     *map(str, T_ALL), "--compile", "--compile-mode", "reduce-overhead", "--gen-variants",
-                    "linear+fused", "memsizer+fused", "linear+graph", "memsizer+graph", "softmax",
+                    "linear+fused", "memsizer+fused", "linear+graph", "memsizer+graph", "softmax", "softmax+graph",
                     "--batches", "1", "16", "256"], check=True)
 
 

@@ -7,6 +7,8 @@ from attnlab.transformer import TransformerDecoder
 
 VARIANTS = {"linear": {"name": "linear"}, "memsizer": {"name": "memsizer", "decoder": {"k": 8}},
             "performer": {"name": "performer"}, "softmax": {"name": "softmax"}}
+GRAPHED = list(VARIANTS)  # every one of these decodes from a CUDA graph
+VARIANTS["topk"] = {"name": "topk", "k": 4}  # runs eagerly (below)
 
 
 def decoder(variant, device, dtype=torch.float32):
@@ -25,6 +27,25 @@ def test_positions_from_a_device_tensor_equal_the_slice():
         net.embed.pos(62, 3)
 
 
+def test_a_softmax_step_takes_its_cache_slot_from_a_device_tensor():
+    """What a CUDA-graph replay runs (graphs.py fills the caches' lengths into a device tensor): the same logits and
+    the same cache as the eager step, whose length is an int."""
+    from attnlab.decoding.graphs import _caches, _leaves
+    net = decoder("softmax", "cpu")
+    prefix, toks = torch.randint(0, 37, (3, 5)), torch.randint(0, 37, (3, 6))
+    with torch.no_grad():
+        s1, s2 = (net.reserve_state(net.init_state(3), 12) for _ in range(2))
+        net.prefill(prefix, s1), net.prefill(prefix, s2)
+        for t in range(toks.shape[1]):
+            for s in _caches(s2):
+                s["length"] = torch.tensor(s["length"])
+            b = net.step(toks[:, t], s2)
+            for s in _caches(s2):
+                s["length"] = int(s["length"])
+            assert torch.equal(net.step(toks[:, t], s1), b)
+    assert all(map(torch.equal, _leaves(s1), _leaves(s2))) and _caches(s2)[0]["length"] == 11
+
+
 def test_on_the_cpu_steps_run_eagerly_and_agree():
     net = decoder("linear", "cpu")
     prefix = torch.randint(0, 37, (3, 4))
@@ -33,7 +54,7 @@ def test_on_the_cpu_steps_run_eagerly_and_agree():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", GRAPHED)
 def test_graph_replay_equals_eager_decoding(variant):
     net = decoder(variant, "cuda")
     prefix = torch.randint(0, 37, (5, 7), device="cuda")
@@ -44,14 +65,31 @@ def test_graph_replay_equals_eager_decoding(variant):
     a = sample(graphs, prefix, 40, temperature=1.0, generator=g1)
     b = sample(net, prefix, 40, temperature=1.0, generator=g2)
     assert torch.equal(a, b)
-    assert graphs.captures == (0 if variant == "softmax" else 1)  # a growing KV cache runs eagerly
+    assert graphs.captures == 1  # softmax too: the searches reserve its KV cache for the whole length
     with torch.autocast("cuda", torch.bfloat16):  # another precision is another graph
         greedy(graphs, prefix, 3)
-    assert graphs.captures == (0 if variant == "softmax" else 2)
+    assert graphs.captures == 2
     with torch.autocast("cuda", torch.bfloat16):  # replayed in a later autocast context than it was captured in
         a = greedy(graphs, prefix, 40)
         b = greedy(net, prefix, 40)
-    assert torch.equal(a, b) and graphs.captures == (0 if variant == "softmax" else 2)
+    assert torch.equal(a, b) and graphs.captures == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_full_kv_cache_doubles_eagerly_then_the_step_is_captured_again():
+    net, topk = decoder("softmax", "cuda"), decoder("topk", "cuda")
+    toks = torch.randint(0, 37, (3, 40), device="cuda")
+    with torch.no_grad():
+        graphs, s, s_ref = CUDAGraphs(net, fuse=False), net.init_state(3), net.init_state(3)  # no reservation
+        for t in range(toks.shape[1]):
+            assert torch.equal(graphs.step(toks[:, t], s), net.step(toks[:, t], s_ref))
+        # capacity 16, then 32, then 64: each full cache takes one eager step; a capture for each size
+        assert graphs.captures == 3 and s["layers"][0][0]["length"] == 40
+        graphs, s = CUDAGraphs(topk, fuse=False), topk.init_state(3)  # top-k's step reads the written slots only
+        topk.reserve_state(s, 40)
+        for t in range(5):
+            graphs.step(toks[:, t], s)
+        assert graphs.captures == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

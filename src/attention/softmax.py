@@ -69,6 +69,11 @@ def cached_kv(state: State) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 @register("softmax")
 class SoftmaxAttention(Attention):
+    # the decode step reads the whole cache under its mask and takes its write slot from ``length`` even when that
+    # is a device tensor, so CUDA graphs can replay it (decoding/graphs.py); top-k's step reads the first
+    # ``length`` slots, whose shape changes with every token
+    graph_step = True
+
     def __init__(self, d_model: int, n_heads: int, role: str, dropout: float = 0.0, bias: bool = True):
         super().__init__(d_model, n_heads, role, dropout)
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -99,7 +104,8 @@ class SoftmaxAttention(Attention):
             raise ValueError("encoder self-attention is bidirectional and has no incremental form")
         H, d = self.n_heads, self.head_dim
         return State(k=p.new_zeros(batch_size, H, 0, d), v=p.new_zeros(batch_size, H, 0, d),
-                     pad=torch.ones(batch_size, 0, dtype=torch.bool, device=p.device), length=0)
+                     pad=torch.ones(batch_size, 0, dtype=torch.bool, device=p.device), length=0,
+                     graph_step=self.graph_step)
 
     def append_kv(self, x, state, pad=None) -> State:
         """Decoder role: write the keys and values of ``x`` (B, T, D) into the cache after the ``length`` written
@@ -108,9 +114,15 @@ class SoftmaxAttention(Attention):
             return state
         k, v = self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
         n, T = state["length"], x.shape[1]
-        reserve_cache(state, n + T, like=k)
-        state["k"][:, :, n:n + T], state["v"][:, :, n:n + T] = k, v
-        state["pad"][:, n:n + T] = False if pad is None else pad
+        if torch.is_tensor(n):  # a CUDA-graph replay (decoding/graphs.py), which made room first
+            slots = n + torch.arange(T, device=n.device)
+            state["k"].index_copy_(2, slots, k.to(state["k"].dtype))
+            state["v"].index_copy_(2, slots, v.to(state["v"].dtype))
+            state["pad"].index_copy_(1, slots, pad if pad is not None else state["pad"].new_zeros(x.shape[0], T))
+        else:
+            reserve_cache(state, n + T, like=k)
+            state["k"][:, :, n:n + T], state["v"][:, :, n:n + T] = k, v
+            state["pad"][:, n:n + T] = False if pad is None else pad
         state["length"] = n + T
         return state
 

@@ -16,6 +16,8 @@ from .softmax import SoftmaxAttention, cached_kv
 
 @register("topk")
 class TopkAttention(SoftmaxAttention):
+    graph_step = False  # the step reads the first `length` cache slots (cached_kv): a new shape every token
+
     def __init__(self, d_model: int, n_heads: int, role: str, dropout: float = 0.0, k: int = 64,
                  chunk_size: int = 1024, backend: str = "auto", bias: bool = True):
         super().__init__(d_model, n_heads, role, dropout, bias)

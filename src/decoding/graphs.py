@@ -16,8 +16,11 @@ token (274 of the 512 kernels of a 16-layer step; NOTES.md). The copies are refr
 (its version counter moves, e.g. an optimizer step between two searches). Linear's own cast gives the same bits.
 
 It applies when the state keeps its shapes from step to step: the recurrent states of linear attention, MemSizer and
-Performer, and cross-attention over a fixed memory. A growing KV cache (softmax, top-k, Reformer) changes shape, so
-those steps run eagerly; so does every step on the CPU, and a step with a padding mask. A state handed in that is not
+Performer, cross-attention over a fixed memory, and softmax's preallocated KV cache while it has room (its step reads
+the whole buffer under a mask; the graph takes the write slot, ``length``, from a device tensor filled before each
+replay; when the cache is full, one eager step doubles it and the next step captures again; the searches reserve
+the whole length up front, so they capture once). Top-k's step reads only the written slots and Reformer's cache
+grows by concatenation, so those steps run eagerly; so does every step on the CPU, and a step with a padding mask. A state handed in that is not
 the one the graph owns (a new search, or ``reorder_state`` in beam search) is copied into the graph's buffers first,
 and after the step it holds those buffers: one live state per wrapper (two searches interleaved need two wrappers).
 """
@@ -32,18 +35,26 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 _TENSOR = object()  # marks where a state holds a tensor, in the structure a graph is captured for
+_LENGTH = object()  # marks a KV cache's ``length``: an int outside the graph, a device tensor inside
 
 
 def _leaves(state: dict) -> list:
-    """The state's tensors in a fixed order (layers, then each attention state's entries)."""
-    return [v for states in state["layers"] for s in states for v in s.values() if torch.is_tensor(v)]
+    """The state's tensors in a fixed order (layers, then each attention state's entries), lengths left out."""
+    return [v for states in state["layers"] for s in states for k, v in s.items()
+            if torch.is_tensor(v) and k != "length"]
+
+
+def _caches(state: dict) -> list:
+    """The attention states that are KV caches (they count their written slots in ``length``)."""
+    return [s for states in state["layers"] for s in states if "length" in s]
 
 
 def _signature(state: dict, tokens: torch.Tensor) -> tuple:
-    """What a captured graph is valid for: every leaf's shape and dtype, the non-tensor entries, autocast."""
+    """What a captured graph is valid for: every leaf's shape and dtype, the non-tensor entries but the caches'
+    lengths (the graph reads them from a device tensor), autocast."""
     dev = tokens.device.type
     return (tuple(tokens.shape), torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev),
-            tuple((tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, v)
+            tuple((tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k,) if k == "length" else (k, v)
                   for states in state["layers"] for s in states for k, v in s.items()))
 
 
@@ -134,8 +145,10 @@ class CUDAGraphs(Delegate):
         self.captures = 0
 
     def graphable(self, tokens, state, pad) -> bool:
+        # a KV cache: only a step that takes its slot from a device tensor (softmax's), and only while it has room
         return (tokens.is_cuda and pad is None and "layers" in state
-                and not any("length" in s for states in state["layers"] for s in states))  # a growing KV cache
+                and all(s.get("graph_step", False) and s["length"] + tokens.shape[1] <= s["k"].shape[2]
+                        for s in _caches(state)))
 
     def step(self, tokens: torch.Tensor, state: dict, pad=None) -> torch.Tensor:
         tokens = tokens.view(-1, 1)
@@ -154,11 +167,20 @@ class CUDAGraphs(Delegate):
                 self._capture(tokens, state, key)
         self.tokens.copy_(tokens)
         self.pos.fill_(state["pos"])
+        caches = _caches(state)
+        if caches:  # (one length in a decoder's caches: every layer wrote every token)
+            lengths = [s["length"] for s in caches]
+            if len(set(lengths)) == 1:
+                self.lengths.fill_(lengths[0])
+            else:
+                self.lengths.copy_(torch.tensor(lengths))
         if not own:
             _copy_into(self.leaves, leaves)
         self.graph.replay()
         if not own:
             self._adopt(state)
+        for s in caches:
+            s["length"] += tokens.shape[1]
         state["pos"] += 1
         return self.logits.clone()  # the buffer is overwritten by the next replay
 
@@ -189,13 +211,14 @@ class CUDAGraphs(Delegate):
         for states in state["layers"]:
             for s in states:
                 for k, v in s.items():
-                    if torch.is_tensor(v):
+                    if torch.is_tensor(v) and k != "length":
                         s[k] = next(it)
 
     def _state(self, leaves: list, pos) -> dict:
-        """A state of the captured structure holding ``leaves``."""
-        it = iter(leaves)
-        return {"layers": [[type(s)({k: next(it) if v is _TENSOR else v for k, v in s.items()}) for s in states]
+        """A state of the captured structure holding ``leaves``, the caches' lengths read from ``self.lengths``."""
+        it, lengths = iter(leaves), iter(self.lengths)
+        return {"layers": [[type(s)({k: next(it) if v is _TENSOR else next(lengths) if v is _LENGTH else v
+                                     for k, v in s.items()}) for s in states]
                            for states in self.template], "pos": pos}
 
     def _run(self) -> None:
@@ -206,10 +229,12 @@ class CUDAGraphs(Delegate):
 
     def _capture(self, tokens: torch.Tensor, state: dict, key: tuple) -> None:
         self.graph, self.casts = None, None
-        self.template = [[type(s)({k: _TENSOR if torch.is_tensor(v) else v for k, v in s.items()}) for s in states]
+        self.template = [[type(s)({k: _LENGTH if k == "length" else _TENSOR if torch.is_tensor(v) else v
+                                   for k, v in s.items()}) for s in states]
                          for states in state["layers"]]
         self.leaves = [v.clone() for v in _leaves(state)]
         self.tokens, self.pos = tokens.clone(), torch.tensor(state["pos"], device=tokens.device)
+        self.lengths = torch.tensor([s["length"] for s in _caches(state)], dtype=torch.long, device=tokens.device)
         dev = tokens.device.type
         # Autocast caches the low-precision copies of the weights for the life of its context; a graph that read them
         # would read freed memory once that context ends. So the cache is off, and the linear weights' copies are ours.
