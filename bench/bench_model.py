@@ -3,9 +3,10 @@
     python3 bench/bench_model.py --out DIR [--label after] [--variants ...] [--T ...] [--compile]
 
 1. Training tokens/s and peak memory: attnlab's TransformerDecoder (8 layers, d=512, 8 heads, FFN 2048, vocab 256),
-   B*T = 16384 tokens per step (from T = 32768 one sequence, T tokens), forward + backward + AdamW under torch.autocast(bfloat16) (what `trainer=gpu`
-   runs), at T = 1024, 4096, 8192, 16384 (default; any T, e.g. 32768), for softmax (SDPA, default backend selection: the backend it picked is
-   read off the profiler and reported), linear, memsizer (k=32) and topk (k=64). Tokens/s: median of timed steps
+   B*T = 16384 tokens per step (from T = 32768 one sequence, T tokens), forward + backward + AdamW under
+   torch.autocast(bfloat16) (what `trainer=gpu` runs), at T = 1024, 4096, 8192, 16384 (default; any T, e.g. 32768),
+   for softmax (SDPA, default backend selection: the backend it picked is read off the profiler and reported),
+   linear, memsizer (k=32) and topk (k=64). Tokens/s: median of timed steps
    after warm-up (Triton compilation, autotuning and the allocator's growth stay out); host_ms: the time until
    step() returns (host-bound when close to step_ms); peak memory: max_memory_allocated over warm-up and timed steps
    (weights, optimizer state and activations). ``--compile [--compile-mode reduce-overhead]``: the same under
@@ -221,7 +222,8 @@ def report(paths):
     for run in runs:
         lines.append(f"\n### {run['label']}: {run['device']} | torch {run['torch']} | triton {run['triton']} | "
                      f"{run['date']}")
-        lines.append("\n**training tokens/s (k), peak MiB** (B*T = 16384, from T = 32768 B = 1; autocast bf16, fwd+bwd+AdamW)\n")
+        lines.append("\n**training tokens/s (k), peak MiB** (B*T = 16384, from T = 32768 B = 1; autocast bf16, "
+                     "fwd+bwd+AdamW)\n")
         lines += table(run["train"], "T", lambda T: f"T={T}", lambda r: f"{r['tok_s'] / 1e3:.0f}k, {r['peak_mib']:.0f}")
         sb = {r.get("sdpa_backend") for r in run["train"] if r.get("sdpa_backend")}
         if sb:

@@ -48,7 +48,8 @@ def profile_point(variant, T, compile_model, steps, warm):
     torch.cuda.empty_cache()
     torch._dynamo.reset()
     return dict(step_ms=1e3 * statistics.median(wall), gpu_ms=gpu_us / 1e3, host_ms=host_us / 1e3,
-                kernels=kernels, casts=casts, tok_s=batch(T) * T / statistics.median(wall)), table_gpu + "\n" + table_cpu
+                kernels=kernels, casts=casts, tok_s=batch(T) * T / statistics.median(wall)), \
+        table_gpu + "\n" + table_cpu
 
 
 def main():

@@ -147,7 +147,7 @@ class ReformerAttention(Attention):
         H, d = self.n_heads, self.head_dim
         return State(kn=p.new_zeros(batch_size, H, 0, d), v=p.new_zeros(batch_size, H, 0, d),
                      buckets=torch.zeros(batch_size, H, 0, self.n_hashes, dtype=torch.long, device=p.device),
-                     pad=torch.zeros(batch_size, 0, dtype=torch.bool, device=p.device))
+                     pad=torch.zeros(batch_size, 0, dtype=torch.bool, device=p.device), graph_step=False)
 
     def step(self, x, state, pad=None):
         q, v = self.split_heads(self.qk_proj(x)), self.split_heads(self.v_proj(x))  # (B, H, 1, d)
@@ -156,7 +156,8 @@ class ReformerAttention(Attention):
         if pad is None:
             pad = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         state = State(kn=torch.cat([state["kn"], kn], 2), v=torch.cat([state["v"], v], 2),
-                      buckets=torch.cat([state["buckets"], b], 2), pad=torch.cat([state["pad"], pad[:, None]], 1))
+                      buckets=torch.cat([state["buckets"], b], 2), pad=torch.cat([state["pad"], pad[:, None]], 1),
+                      graph_step=False)  # a new shape every token: CUDA graphs leave the step eager
         t = state["kn"].shape[2]
         is_self = torch.arange(t, device=x.device) == t - 1
         # O(t): every cached key is checked for a shared bucket (the hash buys nothing over a KV cache here)
@@ -178,7 +179,8 @@ class ReformerAttention(Attention):
                                                                                 device=x.device)
         n0 = state["kn"].shape[2]
         state = State(kn=torch.cat([state["kn"], kn], 2), v=torch.cat([state["v"], v], 2),
-                      buckets=torch.cat([state["buckets"], b], 2), pad=torch.cat([state["pad"], pad], 1))
+                      buckets=torch.cat([state["buckets"], b], 2), pad=torch.cat([state["pad"], pad], 1),
+                      graph_step=False)
         kpos, qpos = torch.arange(n0 + T, device=x.device), torch.arange(n0, n0 + T, device=x.device)
         is_self = kpos[None, :] == qpos[:, None]  # (T, n0 + T)
         shared = (b[:, :, :, None, :] == state["buckets"][:, :, None, :, :]).any(-1)  # (B, H, T, n0 + T)

@@ -2,11 +2,12 @@
 GPU); decoding keeps a KV cache, so a step costs O(t) and the state grows with t.
 
 The decoder's KV cache is preallocated: ``k``, ``v`` (B, H, capacity, d) and ``pad`` (B, capacity) (True at padding
-tokens and at slots not written yet), with ``length`` (an int shared by all rows) counting the written positions.
-A step writes one slot in place and reads the first ``length`` slots -- no per-step ``torch.cat`` copying the whole
-cache. When full, the capacity doubles (from ``MIN_CAPACITY``); ``reserve_cache`` allocates up front, e.g. for
-the longest sequence a search can produce. Because writes are in place, a state is consumed by ``step``: to branch
-(beam search), ``state.reorder(index)`` -- it copies."""
+tokens and at slots not written yet), with ``length`` (an int shared by all rows) counting the written positions. A
+step writes one slot in place and reads the whole buffer under its mask -- no per-step ``torch.cat`` copying the
+whole cache, and shapes that change only with the capacity, so CUDA graphs replay the step (decoding/graphs.py,
+which hands ``length`` in as a device tensor). When full, the capacity doubles (from ``MIN_CAPACITY``);
+``reserve_cache`` allocates up front, e.g. for the longest sequence a search can produce. Because writes are in
+place, a state is consumed by ``step``: to branch (beam search), ``state.reorder(index)`` -- it copies."""
 from __future__ import annotations
 
 import torch
@@ -71,7 +72,7 @@ def cached_kv(state: State) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 class SoftmaxAttention(Attention):
     # the decode step reads the whole cache under its mask and takes its write slot from ``length`` even when that
     # is a device tensor, so CUDA graphs can replay it (decoding/graphs.py); top-k's step reads the first
-    # ``length`` slots, whose shape changes with every token
+    # ``length`` slots, whose shape changes with every token (the state's graph_step entry tells the wrapper)
     graph_step = True
 
     def __init__(self, d_model: int, n_heads: int, role: str, dropout: float = 0.0, bias: bool = True):

@@ -18,11 +18,12 @@ token (274 of the 512 kernels of a 16-layer step; NOTES.md). The copies are refr
 It applies when the state keeps its shapes from step to step: the recurrent states of linear attention, MemSizer and
 Performer, cross-attention over a fixed memory, and softmax's preallocated KV cache while it has room (its step reads
 the whole buffer under a mask; the graph takes the write slot, ``length``, from a device tensor filled before each
-replay; when the cache is full, one eager step doubles it and the next step captures again; the searches reserve
-the whole length up front, so they capture once). Top-k's step reads only the written slots and Reformer's cache
-grows by concatenation, so those steps run eagerly; so does every step on the CPU, and a step with a padding mask. A state handed in that is not
-the one the graph owns (a new search, or ``reorder_state`` in beam search) is copied into the graph's buffers first,
-and after the step it holds those buffers: one live state per wrapper (two searches interleaved need two wrappers).
+replay; when the cache is full, one eager step doubles it and the next step captures again; the searches reserve the
+whole length up front, so they capture once). Top-k's step reads only the written slots and Reformer's cache grows by
+concatenation, so those steps run eagerly; so does every step on the CPU, and a step with a padding mask. A state
+handed in that is not the one the graph owns (a new search, or ``reorder_state`` in beam search) is copied into the
+graph's buffers first, and after the step it holds those buffers: one live state per wrapper (two searches interleaved
+need two wrappers).
 """
 from __future__ import annotations
 
@@ -145,10 +146,11 @@ class CUDAGraphs(Delegate):
         self.captures = 0
 
     def graphable(self, tokens, state, pad) -> bool:
-        # a KV cache: only a step that takes its slot from a device tensor (softmax's), and only while it has room
+        # a state whose shapes change every token says so (graph_step=False: top-k's and Reformer's caches); a KV
+        # cache that can take the step (softmax's) only while it has room
         return (tokens.is_cuda and pad is None and "layers" in state
-                and all(s.get("graph_step", False) and s["length"] + tokens.shape[1] <= s["k"].shape[2]
-                        for s in _caches(state)))
+                and all(s.get("graph_step", True) for states in state["layers"] for s in states)
+                and all(s["length"] + tokens.shape[1] <= s["k"].shape[2] for s in _caches(state)))
 
     def step(self, tokens: torch.Tensor, state: dict, pad=None) -> torch.Tensor:
         tokens = tokens.view(-1, 1)
