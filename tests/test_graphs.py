@@ -72,7 +72,8 @@ def test_graph_replay_equals_eager_decoding(variant):
     with torch.autocast("cuda", torch.bfloat16):  # replayed in a later autocast context than it was captured in
         a = greedy(graphs, prefix, 40)
         b = greedy(net, prefix, 40)
-    assert torch.equal(a, b) and graphs.captures == 2
+    # softmax: 40 tokens reserve a larger KV cache than the 3 before, and a cache of another size is another graph
+    assert torch.equal(a, b) and graphs.captures == (3 if variant == "softmax" else 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
