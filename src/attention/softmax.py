@@ -36,12 +36,14 @@ def sdpa_mask(key_padding_mask, T: int, S: int, causal: bool, device):
 
 
 MIN_CAPACITY = 16
-# Decoding steps keep cuDNN's SDPA out: it builds a plan per new shape, ~60 ms per step seen on an H200 (torch 2.11,
-# cuDNN 9.19) when the key length grows by one each step; the memory-efficient kernel needs no plan.
+# Eager decoding steps keep cuDNN's SDPA out: it builds a plan per new shape (~60 ms per step seen on an H200, torch
+# 2.11, cuDNN 9.19, when the key length grew by one each step), and eager searches still change shapes (beam search
+# drops finished sentences from the batch; a full cache doubles); the memory-efficient kernel needs no plan.
 STEP_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # A step replayed from a CUDA graph has fixed shapes, so cuDNN plans once (at capture) and then is the fastest on a
 # Hopper GPU: one query row against a masked 4096-slot cache, bf16, H200: 12 us at batch 1 against 190 for the
-# memory-efficient kernel, 362 against 1262 at batch 256 (NOTES.md). It takes 16-bit inputs only.
+# memory-efficient kernel, 362 against 1262 at batch 256 (bench/decode_attention.py; bench/RESULTS.md, session 18).
+# It takes 16-bit inputs only.
 GRAPH_STEP_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *STEP_BACKENDS]
 
 
