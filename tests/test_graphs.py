@@ -72,17 +72,8 @@ def test_graph_replay_equals_eager_decoding(variant):
     with torch.autocast("cuda", torch.bfloat16):  # replayed in a later autocast context than it was captured in
         a = greedy(graphs, prefix, 40)
         b = greedy(net, prefix, 40)
-    # softmax: 40 tokens reserve a larger KV cache than the 3 before, and a cache of another size is another graph;
-    # its replay reads the cache with cuDNN's kernel in bf16, the eager step with another (softmax.py), so greedy
-    # tokens may part ways: its logits are compared along one token sequence instead
-    assert (variant == "softmax" or torch.equal(a, b)) and graphs.captures == (3 if variant == "softmax" else 2)
-    if variant == "softmax":
-        toks = torch.randint(0, 37, (5, 30), device="cuda")
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-            s1, s2 = (net.reserve_state(net.init_state(5), 30) for _ in range(2))
-            for t in range(toks.shape[1]):
-                x, y = net.step(toks[:, t], s1).float(), graphs.step(toks[:, t], s2).float()
-                assert ((x - y).norm() / x.norm()).item() < 1e-2
+    # softmax: 40 tokens reserve a larger KV cache than the 3 before, and a cache of another size is another graph
+    assert torch.equal(a, b) and graphs.captures == (3 if variant == "softmax" else 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -40,11 +40,9 @@ MIN_CAPACITY = 16
 # 2.11, cuDNN 9.19, when the key length grew by one each step), and eager searches still change shapes (beam search
 # drops finished sentences from the batch; a full cache doubles); the memory-efficient kernel needs no plan.
 STEP_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# A step replayed from a CUDA graph has fixed shapes, so cuDNN plans once (at capture) and then is the fastest on a
-# Hopper GPU: one query row against a masked 4096-slot cache, bf16, H200: 12 us at batch 1 against 190 for the
-# memory-efficient kernel, 362 against 1262 at batch 256 (bench/decode_attention.py; bench/RESULTS.md, session 18).
-# It takes 16-bit inputs only.
-GRAPH_STEP_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *STEP_BACKENDS]
+# A step replayed from a CUDA graph has fixed shapes, so cuDNN would plan once, and it is the fastest here: one query
+# row against a masked 4096-slot cache, bf16, H200: 12 us at batch 1 against 190 for the memory-efficient kernel
+# (bench/decode_attention.py; bench/RESULTS.md, session 18). Not used yet: not checked on a GPU inside a graph.
 
 
 def reserve_cache(state: State, size: int, like: torch.Tensor | None = None) -> State:
@@ -141,8 +139,7 @@ class SoftmaxAttention(Attention):
         # (cuDNN) would otherwise re-plan every step, and CUDA graphs need static shapes
         k, v, mask = state["k"], state["v"], state["pad"]
         mask = ~mask[:, None, None, :] | (mask.all(-1)[:, None, None, None])
-        graphed = torch.is_tensor(state.get("length"))  # (decoding/graphs.py hands the length in as a tensor)
-        with sdpa_kernel(GRAPH_STEP_BACKENDS if graphed else STEP_BACKENDS, set_priority=graphed):
+        with sdpa_kernel(STEP_BACKENDS):
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         return self.out_proj(self.merge_heads(y)), state
 
