@@ -294,8 +294,8 @@ def bench(fn, grad_to_none, rep):
 
 def synced(timer, fn, grad_to_none, rep):
     """fn timed as bench_attention.py's op tables time a call (its Timer: alone, L2 flushed before it, synchronized
-    after it; the median). In session 17 that read top-k's fwd+bwd up to 12% slower against SDPA than do_bench did
-    in another process (kernels/topk_attn/NOTES.md); both in one process tell the timers from the runs."""
+    after it; the median). Beside do_bench in one process it reads top-k's fwd+bwd 4-8% longer and cuDNN's 0-4%, so
+    its ratio is up to 8% higher (bench/RESULTS.md, session 18)."""
     def call():
         for x in grad_to_none:
             x.grad = None

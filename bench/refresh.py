@@ -134,7 +134,7 @@ def topk_check(dirs: list[str]) -> tuple[str | None, dict]:
     top-k at each T): (path, {T: {timer: (top-k, sdpa) fwd+bwd ms}}) from the last of dirs holding a
     topk_threshold_final.json; timer "back to back" is triton's do_bench (calls queued back to back: GPU time),
     "each call alone" the op tables' way (L2 flushed, synchronized after each call; ``fwdbwd_synced_ms``, runs
-    from session 17 on), which reads top-k 3-7% slower against SDPA (bench/RESULTS.md, session 18)."""
+    from session 17 on), whose ratio to SDPA reads up to 8% higher (bench/RESULTS.md, session 18)."""
     p = _newest(dirs, "topk_threshold_final.json")
     if p is None:
         return None, {}
